@@ -1,0 +1,178 @@
+"""One LLaMA-family decoder (Llama-2/3, Mistral, Qwen2-style) whose forward applies optional
+structure masks.
+
+Parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
+state dict converts by validation alone and an exported model loads with no missing keys.
+With `masks=None` (or an empty `StructureMasks`) no mask op runs: it is a plain model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmshearing.masks import StructureMasks
+from llmshearing.models.config import ModelConfig
+from llmshearing.models.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, hidden_z: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        if hidden_z is None:
+            var = xf.pow(2).mean(-1, keepdim=True)
+        else:
+            # variance over the kept dims only, so that this equals a d'-dim RMSNorm of the cut
+            # model; counted as a tensor (no host sync).
+            kept = (hidden_z != 0).to(torch.float32)
+            var = (xf.pow(2) * kept).sum(-1, keepdim=True) / kept.sum()
+        y = self.weight * (xf * torch.rsqrt(var + self.eps)).to(dtype)
+        if hidden_z is not None:
+            y = y * hidden_z.to(y.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        s = cfg.shape
+        self.n_heads, self.n_kv_heads, self.head_dim = s.n_heads, s.n_kv_heads, s.head_dim
+        self.sliding_window = cfg.sliding_window
+        self.q_proj = nn.Linear(s.d_model, s.q_dim, bias=s.qkv_bias)
+        self.k_proj = nn.Linear(s.d_model, s.kv_dim, bias=s.qkv_bias)
+        self.v_proj = nn.Linear(s.d_model, s.kv_dim, bias=s.qkv_bias)
+        self.o_proj = nn.Linear(s.q_dim, s.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                head_z: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.sliding_window is not None and t > self.sliding_window:
+            raise NotImplementedError(
+                f"sequence length {t} exceeds the model's sliding_window {self.sliding_window}; "
+                "sliding-window attention is not implemented (use sequences <= the window)"
+            )
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, k, cos, sin)
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        if head_z is not None:
+            ctx = ctx * head_z.to(ctx.dtype).view(1, -1, 1, 1)
+        return self.o_proj(ctx.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, f = cfg.shape.d_model, cfg.shape.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor, int_z: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if int_z is not None:
+            h = h * int_z.to(h.dtype)
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.shape.d_model
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: StructureMasks | None = None,
+                idx: int = 0) -> torch.Tensor:
+        if masks is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        hz = masks.hidden
+        a = self.self_attn(self.input_layernorm(x, hz), cos, sin,
+                           masks.heads[idx] if masks.heads is not None else None)
+        x = x + _gate(a, masks.attn_gate(idx), hz)
+        m = self.mlp(self.post_attention_layernorm(x, hz),
+                     masks.intermediate[idx] if masks.intermediate is not None else None)
+        return x + _gate(m, masks.mlp_gate(idx), hz)
+
+
+def _gate(y: torch.Tensor, scalar: torch.Tensor | None, hidden_z: torch.Tensor | None) -> torch.Tensor:
+    if scalar is not None:
+        y = y * scalar.to(y.dtype)
+    if hidden_z is not None:
+        y = y * hidden_z.to(y.dtype)
+    return y
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        s = cfg.shape
+        self.embed_tokens = nn.Embedding(s.vocab_size, s.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(s.n_layers))
+        self.norm = RMSNorm(s.d_model, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(s.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, masks: StructureMasks | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(input_ids.shape[1], x.device, x.dtype)
+        hz = None if masks is None else masks.hidden
+        if hz is not None:
+            x = x * hz.to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks, i)
+        return self.norm(x, hz)
+
+
+class LlamaForCausalLM(nn.Module):
+    """`forward(input_ids, masks=None) -> logits [B, S, V]`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.shape.d_model, cfg.shape.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        if self.config.shape.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """HF-style init: N(0, initializer_range) for matrices, zeros for biases, ones for norms."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.tie_weights()
+
+    @property
+    def shape(self):
+        return self.config.shape
+
+    def forward(self, input_ids: torch.Tensor, masks: StructureMasks | None = None) -> torch.Tensor:
+        if masks is not None and masks.is_empty():
+            masks = None
+        return self.lm_head(self.model(input_ids, masks))
+
+    # Composer/FSDP hooks: wrap and checkpoint one decoder layer at a time.
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, DecoderLayer)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, DecoderLayer)
