@@ -1,0 +1,36 @@
+"""ModelInfo: makes every Composer checkpoint self-describing.
+
+Its state (the ModelConfig, and the pruning setup when pruning) is saved by Composer in the
+checkpoint under `state['callbacks']['ModelInfo']`, so `composer-to-hf` and `prune-export`
+need nothing but the checkpoint file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from composer.core import Callback
+
+from llmshearing.models.config import ModelConfig
+
+
+class ModelInfo(Callback):
+    def __init__(self, model_config: ModelConfig, pruning: dict[str, Any] | None = None) -> None:
+        self.model_config = model_config
+        self.pruning = pruning  # e.g. {'target': ModelShape dict, 'modules': [...], ...}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model_config": self.model_config.to_dict(), "pruning": self.pruning}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The run's own config wins; the checkpoint copy is informational on resume.
+        pass
+
+
+def read_model_info(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """Return {'model_config': ModelConfig, 'pruning': dict|None} from a loaded Composer checkpoint."""
+    st = checkpoint.get("state", checkpoint)
+    info = (st.get("callbacks") or {}).get("ModelInfo")
+    if info is None:
+        raise ValueError(f"{source}: no ModelInfo in the checkpoint's callbacks; was it written by llmshearing's train.py?")
+    return {"model_config": ModelConfig.from_dict(info["model_config"]), "pruning": info.get("pruning")}
