@@ -1,0 +1,322 @@
+"""Run configuration: schema (dataclasses), loading (yaml + `key=value` overrides) and validation.
+
+OmegaConf structured configs reject unknown keys and wrong types with the full key path; the
+semantic checks below (paths exist, domains match data folders, target shape fits the source,
+batch sizes divide) run before any model is built, so a bad config fails in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A run config that cannot work; the message names the key."""
+
+
+@dataclass
+class ModelInitConfig:
+    """Random initialisation from a shape (tests, the demo, from-scratch baselines)."""
+    shape: dict[str, Any] = field(default_factory=dict)
+    family: str = "llama"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None
+    max_position_embeddings: int = 4096
+
+
+@dataclass
+class ModelSection:
+    path: Optional[str] = None  # an llmshearing model dir (convert hf-to-composer / prune-export output)
+    init: Optional[ModelInitConfig] = None
+
+
+@dataclass
+class PruningSection:
+    target: dict[str, Any] = field(default_factory=dict)  # ModelShape keys; missing ones copy the source
+    modules: list[str] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
+    lagrangian_warmup: str = "640ba"
+    lag_lr: float = 1.0
+    eval_target_model: bool = False
+
+
+@dataclass
+class DataSection:
+    root: str = "???"
+    domains: list[str] = field(default_factory=list)
+    proportions: list[float] = field(default_factory=list)
+    seq_len: int = 4096
+    train_split: str = "train"
+    eval_split: str = "eval"
+    num_workers: int = 8
+    on_exhausted: str = "stop"  # or "repeat"
+    eval_batches_per_domain: Optional[int] = None  # None: the whole eval split
+
+
+@dataclass
+class DynamicLoadingSection:
+    update: str = "doremi"  # or "constant"
+    target_losses: list[float] = field(default_factory=list)
+    eta: float = 1.0
+    smoothing: float = 1e-4
+    clip_negative: bool = True
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerSection:
+    warmup: str = "0.1dur"
+    alpha_f: float = 0.1
+
+
+@dataclass
+class FSDPSection:
+    sharding_strategy: str = "FULL_SHARD"
+    mixed_precision: str = "DEFAULT"
+    activation_checkpointing: bool = True
+    state_dict_type: str = "full"
+    limit_all_gathers: bool = True
+
+
+@dataclass
+class LoggersSection:
+    console_interval: str = "10ba"
+    file: bool = True
+    wandb: Optional[dict[str, Any]] = None  # e.g. {project: llmshearing, entity: null, tags: []}
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "???"
+    seed: int = 17
+    model: ModelSection = field(default_factory=ModelSection)
+    pruning: Optional[PruningSection] = None
+    data: DataSection = field(default_factory=DataSection)
+    dynamic_loading: Optional[DynamicLoadingSection] = None
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    max_duration: str = "???"
+    global_train_batch_size: int = 32
+    device_train_microbatch_size: int = 4
+    device_eval_batch_size: int = 8
+    eval_interval: str = "50ba"
+    save_folder: str = "runs/{run_name}"
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = 1
+    autoresume: bool = True
+    precision: str = "amp_bf16"
+    device: str = "auto"  # auto | cpu | gpu
+    fsdp: Optional[FSDPSection] = field(default_factory=FSDPSection)
+    grad_clip_norm: Optional[float] = 1.0
+    loggers: LoggersSection = field(default_factory=LoggersSection)
+
+
+def load_config(yaml_path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """yaml + dotlist overrides -> a typed TrainConfig (unknown keys and wrong types raise)."""
+    p = Path(yaml_path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        schema = OmegaConf.structured(TrainConfig)
+        merged = OmegaConf.merge(schema, OmegaConf.load(p), OmegaConf.from_dotlist(list(overrides or [])))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{p}: required key(s) not set: {', '.join(missing)}")
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{p}: config key '{key}': {msg}" if key else f"{p}: {msg}") from e
+    assert isinstance(cfg, TrainConfig)
+    cfg.save_folder = cfg.save_folder.replace("{run_name}", cfg.run_name)
+    return cfg
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def time_in_batches(value: str, key: str, max_batches: int | None = None) -> int:
+    """'640ba' -> 640; '0.2dur' -> 0.2 * max_batches. Pruning warm-up and schedules need batches."""
+    v = value.strip()
+    try:
+        if v.endswith("ba"):
+            return int(v[:-2])
+        if v.endswith("dur") and max_batches is not None:
+            return int(round(float(v[:-3]) * max_batches))
+    except ValueError:
+        pass
+    raise ConfigError(f"config key '{key}': expected a number of batches like '640ba'"
+                      f"{' or a fraction like 0.2dur' if max_batches is not None else ''}, got {value!r}")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) -> None:
+    """Semantic checks that OmegaConf's typing cannot express. Raises ConfigError naming the key."""
+    _check_model(cfg, check_paths)
+    _check_batches(cfg, world_size)
+    _check_data(cfg, check_paths)
+    if cfg.precision not in ("amp_bf16", "amp_fp16", "fp32"):
+        raise ConfigError(f"config key 'precision': must be amp_bf16, amp_fp16 or fp32, got {cfg.precision!r}")
+    if cfg.device not in ("auto", "cpu", "gpu"):
+        raise ConfigError(f"config key 'device': must be auto, cpu or gpu, got {cfg.device!r}")
+    max_ba = time_in_batches(cfg.max_duration, "max_duration")
+    if max_ba <= 0:
+        raise ConfigError("config key 'max_duration': must be > 0 batches")
+    for key in ("eval_interval", "save_interval"):
+        if time_in_batches(getattr(cfg, key), key) <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0 batches")
+    time_in_batches(cfg.scheduler.warmup, "scheduler.warmup", max_ba)
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError("config key 'optimizer.lr': must be > 0")
+    if cfg.pruning is not None:
+        _check_pruning(cfg, max_ba)
+    if cfg.fsdp is not None and cfg.fsdp.sharding_strategy not in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):
+        raise ConfigError(f"config key 'fsdp.sharding_strategy': unknown strategy {cfg.fsdp.sharding_strategy!r}")
+
+
+def _check_model(cfg: TrainConfig, check_paths: bool) -> None:
+    m = cfg.model
+    if (m.path is None) == (m.init is None):
+        raise ConfigError("config key 'model': set exactly one of 'model.path' (a converted model dir) "
+                          "or 'model.init' (random init from a shape)")
+    if m.path is not None and check_paths:
+        from llmshearing.convert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_model_dir
+
+        if not is_model_dir(m.path):
+            raise ConfigError(f"config key 'model.path': {m.path} is not an llmshearing model directory "
+                              f"(needs {CONFIG_NAME} and {WEIGHTS_NAME}; create one with "
+                              "`llmshearing convert hf-to-composer HF_DIR OUT`)")
+    build_model_config(cfg, check_paths=check_paths)
+
+
+def build_model_config(cfg: TrainConfig, check_paths: bool = True):
+    """The source ModelConfig of the run (from model.path or model.init)."""
+    from llmshearing.models.config import ModelConfig
+    from llmshearing.shape import ModelShape, ShapeError
+
+    if cfg.model.path is not None:
+        from llmshearing.convert.checkpoint import load_model_config
+
+        if not check_paths and not Path(cfg.model.path).exists():
+            return None
+        return load_model_config(cfg.model.path)
+    init = cfg.model.init
+    try:
+        shape = ModelShape.from_dict(dict(init.shape))
+    except (ShapeError, TypeError) as e:
+        raise ConfigError(f"config key 'model.init.shape': {e}") from e
+    try:
+        return ModelConfig(shape=shape, family=init.family, rms_norm_eps=init.rms_norm_eps,
+                           rope_theta=init.rope_theta, rope_scaling=init.rope_scaling,
+                           max_position_embeddings=init.max_position_embeddings)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.init': {e}") from e
+
+
+def _check_batches(cfg: TrainConfig, world_size: int) -> None:
+    g, mb = cfg.global_train_batch_size, cfg.device_train_microbatch_size
+    if g <= 0 or mb <= 0 or cfg.device_eval_batch_size <= 0:
+        raise ConfigError("config keys 'global_train_batch_size', 'device_train_microbatch_size', "
+                          "'device_eval_batch_size' must be > 0")
+    if g % world_size:
+        raise ConfigError(f"config key 'global_train_batch_size': {g} is not divisible by the world size {world_size}")
+    per_device = g // world_size
+    if per_device % mb:
+        raise ConfigError(f"config key 'device_train_microbatch_size': {mb} does not divide the per-device batch "
+                          f"{per_device} (= global_train_batch_size {g} / world size {world_size})")
+
+
+def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
+    d = cfg.data
+    if not d.domains:
+        raise ConfigError("config key 'data.domains': list at least one domain")
+    if len(set(d.domains)) != len(d.domains):
+        raise ConfigError(f"config key 'data.domains': duplicate domain names in {d.domains}")
+    if len(d.proportions) != len(d.domains):
+        raise ConfigError(f"config key 'data.proportions': {len(d.proportions)} values for {len(d.domains)} domains "
+                          f"{d.domains}")
+    if any(p < 0 for p in d.proportions) or not math.isclose(sum(d.proportions), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"config key 'data.proportions': must be >= 0 and sum to 1, got {d.proportions} "
+                          f"(sum {sum(d.proportions):.6f})")
+    if d.seq_len < 2:
+        raise ConfigError("config key 'data.seq_len': must be >= 2")
+    if d.on_exhausted not in ("stop", "repeat"):
+        raise ConfigError(f"config key 'data.on_exhausted': must be 'stop' or 'repeat', got {d.on_exhausted!r}")
+    if d.num_workers < 0:
+        raise ConfigError("config key 'data.num_workers': must be >= 0")
+    dl = cfg.dynamic_loading
+    if dl is not None:
+        if dl.update not in ("doremi", "constant"):
+            raise ConfigError(f"config key 'dynamic_loading.update': must be 'doremi' or 'constant', got {dl.update!r}")
+        if dl.update == "doremi" and len(dl.target_losses) != len(d.domains):
+            raise ConfigError(f"config key 'dynamic_loading.target_losses': {len(dl.target_losses)} values for "
+                              f"{len(d.domains)} domains {d.domains} (give one reference loss per domain)")
+    if check_paths and "://" not in d.root:
+        root = Path(d.root)
+        if not root.is_dir():
+            raise ConfigError(f"config key 'data.root': {root} does not exist (prepare data with `llmshearing prepare-data`)")
+        for split in (d.train_split, d.eval_split):
+            missing = [dom for dom in d.domains if not (root / split / dom).is_dir()]
+            if missing:
+                have = sorted(p.name for p in (root / split).iterdir()) if (root / split).is_dir() else []
+                raise ConfigError(f"config key 'data.domains': no folder {root / split}/<domain> for {missing}; "
+                                  f"found domains {have}")
+        mf = root / "manifest.json"
+        if mf.is_file():
+            import json
+
+            man = json.loads(mf.read_text())
+            if int(man.get("seq_len", d.seq_len)) != d.seq_len:
+                raise ConfigError(f"config key 'data.seq_len': {d.seq_len} but the data in {root} was prepared with "
+                                  f"seq_len {man['seq_len']} ({mf})")
+
+
+def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:
+    from llmshearing.shape import ModelShape, ShapeError
+
+    pr = cfg.pruning
+    if pr.lag_lr <= 0:
+        raise ConfigError("config key 'pruning.lag_lr': must be > 0 (the multipliers use -lag_lr for ascent)")
+    w = time_in_batches(pr.lagrangian_warmup, "pruning.lagrangian_warmup", max_ba)
+    if w > max_ba:
+        raise ConfigError(f"config key 'pruning.lagrangian_warmup': {w} batches is longer than max_duration ({max_ba})")
+    src_cfg = build_model_config(cfg, check_paths=False)
+    if src_cfg is None:
+        return
+    src = src_cfg.shape
+    try:
+        target = pruning_target(src, pr.target)
+    except (ShapeError, TypeError) as e:
+        raise ConfigError(f"config key 'pruning.target': {e}") from e
+    try:
+        from llmshearing.pruning.target import validate_target
+
+        validate_target(src, target, list(pr.modules))
+    except ShapeError as e:
+        raise ConfigError(f"config key 'pruning.target': {e}") from e
+
+
+def pruning_target(source, target: dict[str, Any]):
+    """Target ModelShape: keys not given copy the source (vocab, head_dim, tie flag, biases)."""
+    d = source.to_dict()
+    unknown = set(target) - set(d)
+    if unknown:
+        from llmshearing.shape import ShapeError
+
+        raise ShapeError(f"unknown target keys {sorted(unknown)}; valid: {sorted(d)}")
+    d.update(dict(target))
+    return type(source).from_dict(d)

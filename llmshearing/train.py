@@ -1,0 +1,244 @@
+"""Build a Composer Trainer from a validated TrainConfig and run it.
+
+`composer train.py yamls/X.yaml key=value ...` (repo root) -> `main(argv)`. Everything that can
+be checked cheaply is checked (config.validate) before a model or a loader is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmshearing.config import (
+    ConfigError,
+    TrainConfig,
+    build_model_config,
+    load_config,
+    pruning_target,
+    time_in_batches,
+    to_yaml,
+    validate,
+)
+
+log = logging.getLogger("llmshearing.train")
+
+
+def _world() -> tuple[int, int]:
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+def _device(cfg: TrainConfig) -> str:
+    if cfg.device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device': 'gpu' requested but CUDA is not available")
+    return cfg.device
+
+
+def build_model(cfg: TrainConfig):
+    """ComposerLlama with source weights (model.path) or random init, plus the L0 module when pruning."""
+    from llmshearing.convert.checkpoint import load_model
+    from llmshearing.models.composer_model import ComposerLlama
+    from llmshearing.models.llama import LlamaForCausalLM
+
+    if cfg.model.path is not None:
+        model = load_model(cfg.model.path)
+    else:
+        model = LlamaForCausalLM(build_model_config(cfg))
+    l0 = None
+    if cfg.pruning is not None:
+        from llmshearing.pruning.l0 import L0Module
+
+        max_ba = time_in_batches(cfg.max_duration, "max_duration")
+        l0 = L0Module(
+            source=model.config.shape,
+            target=pruning_target(model.config.shape, cfg.pruning.target),
+            modules=list(cfg.pruning.modules),
+            lagrangian_warmup_steps=time_in_batches(cfg.pruning.lagrangian_warmup, "pruning.lagrangian_warmup", max_ba),
+            eval_target_model=cfg.pruning.eval_target_model,
+        )
+    return ComposerLlama(model=model, l0=l0)
+
+
+def build_optimizer(cfg: TrainConfig, composer_model) -> torch.optim.Optimizer:
+    from composer.optim import DecoupledAdamW
+
+    o = cfg.optimizer
+    if cfg.pruning is not None:
+        from llmshearing.pruning.l0 import pruning_param_groups
+
+        groups = pruning_param_groups(composer_model, lr=o.lr, lag_lr=cfg.pruning.lag_lr, weight_decay=o.weight_decay)
+    else:
+        groups = [{"params": [p for p in composer_model.parameters() if p.requires_grad]}]
+    return DecoupledAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def build_dataloaders(cfg: TrainConfig, world_size: int, rank: int):
+    from composer.core import Evaluator
+
+    from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
+
+    d = cfg.data
+    train_dl = build_train_dataloader(
+        root=d.root, domains=list(d.domains), proportions=list(d.proportions),
+        global_batch_size=cfg.global_train_batch_size, seq_len=d.seq_len, seed=cfg.seed,
+        rank=rank, world_size=world_size, num_workers=d.num_workers, on_exhausted=d.on_exhausted,
+        split=d.train_split,
+    )
+    evaluators = [
+        Evaluator(
+            label=dom,
+            dataloader=build_eval_dataloader(root=d.root, domain=dom, batch_size=cfg.device_eval_batch_size,
+                                             seq_len=d.seq_len, rank=rank, world_size=world_size, split=d.eval_split),
+            metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
+        )
+        for dom in d.domains
+    ]
+    return train_dl, evaluators
+
+
+def build_callbacks(cfg: TrainConfig, composer_model) -> list:
+    from composer.callbacks import LRMonitor, SpeedMonitor
+
+    from llmshearing.callbacks.model_info import ModelInfo
+
+    pruning_info = None
+    if composer_model.l0 is not None:
+        pruning_info = composer_model.l0.config_dict()
+    cbs: list = [ModelInfo(composer_model.config, pruning_info), SpeedMonitor(window_size=10), LRMonitor()]
+    if cfg.pruning is not None:
+        from llmshearing.callbacks.pruning import PruningCallback
+
+        cbs.append(PruningCallback(save_folder=cfg.save_folder))
+    if cfg.dynamic_loading is not None:
+        from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
+
+        dl = cfg.dynamic_loading
+        cbs.append(DynamicLoadingCallback(
+            domains=list(cfg.data.domains), target_losses=list(dl.target_losses) or None, update=dl.update,
+            eta=dl.eta, smoothing=dl.smoothing, clip_negative=dl.clip_negative,
+        ))
+    return cbs
+
+
+def build_loggers(cfg: TrainConfig) -> list:
+    from composer.loggers import FileLogger, WandBLogger
+
+    loggers: list = []
+    if cfg.loggers.file:
+        loggers.append(FileLogger(filename=str(Path(cfg.save_folder) / "logs-rank{rank}.txt"), flush_interval=10))
+    if cfg.loggers.wandb is not None:
+        w = dict(cfg.loggers.wandb)
+        init_kwargs = dict(w.pop("init_kwargs", {}) or {})
+        init_kwargs.setdefault("dir", cfg.save_folder)
+        loggers.append(WandBLogger(project=w.pop("project", "llmshearing"), name=cfg.run_name,
+                                   init_kwargs=init_kwargs, **w))
+    return loggers
+
+
+def build_trainer(cfg: TrainConfig, world_size: int | None = None, rank: int | None = None, extra_callbacks=()):
+    """Validate, then build every component and the Trainer (does not call fit)."""
+    from composer import Trainer
+    from composer.algorithms import GradientClipping
+    from composer.optim import CosineAnnealingWithWarmupScheduler
+
+    ws, rk = _world()
+    world_size = ws if world_size is None else world_size
+    rank = rk if rank is None else rank
+    validate(cfg, world_size=world_size)
+    device = _device(cfg)
+    precision = cfg.precision
+    if device == "cpu" and precision != "fp32":
+        log.warning("precision %s is not used on CPU; running in fp32", precision)
+        precision = "fp32"
+
+    torch.manual_seed(cfg.seed)
+    composer_model = build_model(cfg)
+    optimizer = build_optimizer(cfg, composer_model)
+    train_dl, evaluators = build_dataloaders(cfg, world_size, rank)
+    max_ba = time_in_batches(cfg.max_duration, "max_duration")
+    scheduler = CosineAnnealingWithWarmupScheduler(
+        t_warmup=f"{time_in_batches(cfg.scheduler.warmup, 'scheduler.warmup', max_ba)}ba", alpha_f=cfg.scheduler.alpha_f)
+    parallelism = None
+    if cfg.fsdp is not None and device == "gpu":
+        f = cfg.fsdp
+        parallelism = {"fsdp": {
+            "sharding_strategy": f.sharding_strategy, "mixed_precision": f.mixed_precision,
+            "activation_checkpointing": f.activation_checkpointing, "activation_checkpointing_reentrant": False,
+            "state_dict_type": f.state_dict_type, "limit_all_gathers": f.limit_all_gathers, "use_orig_params": True,
+        }}
+    Path(cfg.save_folder).mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (Path(cfg.save_folder) / "config.yaml").write_text(to_yaml(cfg))
+    algorithms = []
+    if cfg.grad_clip_norm:
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm))
+    return Trainer(
+        run_name=cfg.run_name,
+        model=composer_model,
+        train_dataloader=train_dl,
+        eval_dataloader=evaluators,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.data.eval_batches_per_domain or -1,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        step_schedulers_every_batch=True,
+        max_duration=cfg.max_duration,
+        device=device,
+        precision=precision,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
+        parallelism_config=parallelism,
+        algorithms=algorithms,
+        callbacks=build_callbacks(cfg, composer_model) + list(extra_callbacks),
+        loggers=build_loggers(cfg),
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        autoresume=cfg.autoresume,
+        seed=cfg.seed,
+        progress_bar=False,
+        log_to_console=True,
+        console_log_interval=cfg.loggers.console_interval,
+        python_log_level="info",
+    )
+
+
+def final_eval_losses(trainer) -> dict[str, float]:
+    """Per-domain eval CE from the last evaluation (evaluator label = domain)."""
+    out = {}
+    for label, metrics in trainer.state.eval_metrics.items():
+        m = metrics.get("LanguageCrossEntropy")
+        if m is not None:
+            out[label] = float(m.compute())
+    return out
+
+
+def run(cfg: TrainConfig, **kw: Any):
+    trainer = build_trainer(cfg, **kw)
+    trainer.fit()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: composer train.py CONFIG.yaml [key=value ...]   (or: python train.py ...)")
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        trainer = run(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    losses = final_eval_losses(trainer)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("final eval loss per domain: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+        print(f"checkpoints: {cfg.save_folder}")
+    trainer.close()
+    return 0

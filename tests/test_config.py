@@ -1,0 +1,126 @@
+"""Every yaml in yamls/ loads and validates; bad configs fail before training, naming the key."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmshearing.config import ConfigError, load_config, validate
+from llmshearing.models.config import ModelConfig
+from llmshearing.shape import ModelShape
+
+REPO = Path(__file__).resolve().parents[1]
+YAMLS = sorted(p for p in (REPO / "yamls").rglob("*.yaml"))
+
+LLAMA2_7B = ModelShape(4096, 32, 32, 128, 32, 11008, 32000)
+LLAMA31_8B = ModelShape(4096, 32, 8, 128, 32, 14336, 128256)
+SOURCES = {  # model.path in the yamls -> the source shape it stands for
+    "ckpts/llama2-7b": LLAMA2_7B,
+    "ckpts/llama31-8b": LLAMA31_8B,
+    "ckpts/pruned-2.7b": ModelShape(2560, 20, 20, 128, 32, 6912, 32000),
+    "ckpts/pruned-1.3b": ModelShape(2048, 16, 16, 128, 24, 5504, 32000),
+}
+
+
+def fake_model_dir(tmp: Path, shape: ModelShape) -> str:
+    """A model dir with a real config and a placeholder weights file (validation never reads weights)."""
+    d = tmp / "model"
+    d.mkdir(exist_ok=True)
+    (d / "llmshearing.json").write_text(json.dumps(ModelConfig(shape).to_dict()))
+    (d / "model.safetensors").write_bytes(b"")
+    return str(d)
+
+
+def fake_data_root(tmp: Path, domains, splits=("train", "eval")) -> str:
+    for s in splits:
+        for dom in domains:
+            (tmp / "data" / s / dom).mkdir(parents=True, exist_ok=True)
+    return str(tmp / "data")
+
+
+def overrides_for(path: Path, tmp: Path) -> list[str]:
+    raw = load_config_raw(path)
+    ov = []
+    model_path = raw.get("model", {}).get("path")
+    if model_path is not None:
+        shape = SOURCES.get(model_path, ModelShape(64, 4, 4, 16, 3, 64, 512))
+        ov.append(f"model.path={fake_model_dir(tmp, shape)}")
+    domains = raw["data"]["domains"]
+    ov.append(f"data.root={fake_data_root(tmp, domains)}")
+    return ov
+
+
+def load_config_raw(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(REPO)) for p in YAMLS])
+def test_every_yaml_loads_and_validates(path, tmp_path):
+    cfg = load_config(path, overrides_for(path, tmp_path))
+    world = 1 if "tiny" in path.parts else 8  # the paper recipes run on 8 GPUs per node
+    validate(cfg, world_size=world)
+
+
+def test_yamls_cover_the_paper_targets():
+    names = {p.name for p in YAMLS}
+    for n in ("prune_7b_to_2.7b.yaml", "prune_7b_to_1.3b.yaml", "prune_7b_to_370m.yaml", "cpt_2.7b.yaml",
+              "cpt_1.3b.yaml", "prune_llama3_8b_to_3b_gqa.yaml"):
+        assert n in names
+    t = load_config(REPO / "yamls/prune_7b_to_1.3b.yaml").pruning.target
+    assert t == {"d_model": 2048, "n_heads": 16, "n_kv_heads": 16, "n_layers": 24, "intermediate_size": 5504}
+
+
+@pytest.fixture
+def good(tmp_path):
+    """A valid pruning config (7B yamls with fake paths) and a function to load it with overrides."""
+    path = REPO / "yamls/prune_7b_to_2.7b.yaml"
+    base = overrides_for(path, tmp_path)
+
+    def load(*extra):
+        return load_config(path, base + list(extra))
+
+    return load
+
+
+@pytest.mark.parametrize("override,key,words", [
+    (["data.typo=1"], "data.typo", "not in"),
+    (["global_train_batch_size=abc"], "global_train_batch_size", "Integer"),
+])
+def test_schema_errors_name_the_key(good, override, key, words):
+    with pytest.raises(ConfigError, match=key) as e:
+        good(*override)
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("override,world,key,words", [
+    (["data.proportions=[0.5,0.5,0,0,0,0,0.1]"], 1, "data.proportions", "sum to 1"),
+    (["data.proportions=[0.5,0.5]"], 1, "data.proportions", "2 values for 7 domains"),
+    (["data.domains=[cc,github,book,stackexchange,wiki,arxiv,c5]"], 1, "data.domains", "c5"),
+    (["dynamic_loading.target_losses=[1.0]"], 1, "dynamic_loading.target_losses", "one reference loss per domain"),
+    (["global_train_batch_size=30"], 8, "global_train_batch_size", "not divisible by the world size 8"),
+    (["device_train_microbatch_size=3"], 1, "device_train_microbatch_size", "does not divide"),
+    (["pruning.target.d_model=5000"], 1, "pruning.target", "d_model"),
+    (["pruning.target.n_heads=21"], 1, "pruning.target", "n_heads"),
+    (["pruning.lagrangian_warmup=9999ba"], 1, "pruning.lagrangian_warmup", "longer than max_duration"),
+    (["data.on_exhausted=loop"], 1, "data.on_exhausted", "stop"),
+    (["precision=bf16"], 1, "precision", "amp_bf16"),
+])
+def test_semantic_errors_name_the_key(good, override, world, key, words):
+    cfg = good(*override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+        validate(cfg, world_size=world)
+    assert words in str(e.value)
+
+
+def test_missing_model_dir_is_explained(tmp_path):
+    cfg = load_config(REPO / "yamls/cpt_1.3b.yaml", [f"model.path={tmp_path}/nope",
+                                                      f"data.root={fake_data_root(tmp_path, ['cc'])}"])
+    with pytest.raises(ConfigError, match="model.path.*convert hf-to-composer"):
+        validate(cfg)
+
+
+def test_required_key_missing(tmp_path):
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(REPO / "yamls/tiny/prune.yaml")

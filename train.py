@@ -1,0 +1,8 @@
+"""Entry point: `composer train.py yamls/prune_7b_to_2.7b.yaml key=value ...` (or `python train.py ...`)."""
+
+import sys
+
+from llmshearing.train import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
