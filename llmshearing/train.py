@@ -141,7 +141,8 @@ def build_loggers(cfg: TrainConfig) -> list:
     return loggers
 
 
-def build_trainer(cfg: TrainConfig, world_size: int | None = None, rank: int | None = None, extra_callbacks=()):
+def build_trainer(cfg: TrainConfig, world_size: int | None = None, rank: int | None = None, extra_callbacks=(),
+                  extra_loggers=()):
     """Validate, then build every component and the Trainer (does not call fit)."""
     from composer import Trainer
     from composer.algorithms import GradientClipping
@@ -195,7 +196,7 @@ def build_trainer(cfg: TrainConfig, world_size: int | None = None, rank: int | N
         parallelism_config=parallelism,
         algorithms=algorithms,
         callbacks=build_callbacks(cfg, composer_model) + list(extra_callbacks),
-        loggers=build_loggers(cfg),
+        loggers=build_loggers(cfg) + list(extra_loggers),
         save_folder=cfg.save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
