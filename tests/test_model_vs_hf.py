@@ -1,0 +1,114 @@
+"""Our decoder equals transformers' own Llama/Mistral/Qwen2 implementations (fp32, CPU).
+
+Covers MHA and GQA, tied and untied embeddings, llama3 and linear RoPE scaling, head_dim !=
+hidden/heads, Qwen2 q/k/v biases, Mistral/Qwen2 sliding-window configs (sequences inside the
+window), and exact parameter counts. The HF models are random tiny ones (tests/_hf_helpers.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from _hf_helpers import CASES, BASE, hf_case, hf_model, max_abs_diff, ours_from_hf, tokens, config_of
+from llmshearing.convert.hf import model_config_from_hf
+
+ATOL = 1e-4  # fp32 logits of O(1) magnitude; observed differences are ~1e-6
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_logits_equal_hf(name: str) -> None:
+    hf = hf_case(name)
+    ours = ours_from_hf(hf)
+    x = tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        want, got = hf(x).logits, ours(x)
+    assert want.abs().max() > 0.5  # the comparison is not between two near-zero tensors
+    assert max_abs_diff(want, got) < ATOL, name  # tolerance: 1e-4 absolute, fp32
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied-llama3rope", "qwen2-gqa-bias"])
+def test_logits_equal_hf_sdpa(name: str) -> None:
+    hf = hf_case(name, attn="sdpa")
+    assert hf.config._attn_implementation == "sdpa"
+    ours = ours_from_hf(hf)
+    x = tokens(hf.config.vocab_size, seed=5)
+    with torch.no_grad():
+        assert max_abs_diff(hf(x).logits, ours(x)) < ATOL  # tolerance: 1e-4 absolute, fp32
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_n_params_equals_hf(name: str) -> None:
+    hf = hf_case(name)
+    shape = config_of(hf).shape
+    assert shape.n_params() == sum(p.numel() for p in hf.parameters())  # parameters() counts tied ones once
+    assert shape.n_params() == sum(p.numel() for p in ours_from_hf(hf).parameters())
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied-llama3rope", "llama-gqa-headdim24-linearrope"])
+def test_rope_scaling_matters_at_test_length(name: str) -> None:
+    """Guard for the test above: with the same weights, dropping rope_scaling changes the logits,
+    so equality with HF really exercises the scaled frequencies."""
+    family, overrides = CASES[name]
+    scaled = hf_case(name)
+    plain = hf_model(family, **{**overrides, "rope_scaling": None})
+    plain.load_state_dict(scaled.state_dict())
+    x = tokens(scaled.config.vocab_size)
+    with torch.no_grad():
+        assert max_abs_diff(scaled(x).logits, plain(x).logits) > 1e-2
+
+
+def test_head_dim_differs_from_hidden_over_heads() -> None:
+    hf = hf_case("llama-gqa-headdim24-linearrope")
+    s = config_of(hf).shape
+    assert s.head_dim == 24 and s.head_dim * s.n_heads != s.d_model and s.n_kv_heads < s.n_heads
+
+
+def test_qwen2_biases_are_used() -> None:
+    """Zeroing the q/k/v biases changes the logits, so the match above covers them."""
+    hf = hf_case("qwen2-gqa-bias")
+    ours = ours_from_hf(hf)
+    x = tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        before = ours(x)
+        for layer in ours.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.zero_()
+        assert max_abs_diff(before, ours(x)) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_omitted_keys_take_transformers_defaults(family: str) -> None:
+    """A minimal config.json means the same model here as in transformers (e.g. eps 1e-6, not 1e-5)."""
+    minimal = {"model_type": family, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+               "intermediate_size": 96, "vocab_size": 97}
+    if family != "llama":
+        minimal["num_key_value_heads"] = 2  # required there: transformers' defaults (8 / 32) ignore the heads
+    cfg = model_config_from_hf(minimal)
+    hf_cfg = transformers.AutoConfig.for_model(**minimal)
+    assert cfg.rms_norm_eps == hf_cfg.rms_norm_eps == 1e-6
+    assert cfg.rope_theta == hf_cfg.rope_theta
+    assert cfg.max_position_embeddings == hf_cfg.max_position_embeddings
+    assert cfg.shape.tie_embeddings == hf_cfg.tie_word_embeddings
+    assert cfg.shape.n_kv_heads == hf_cfg.num_key_value_heads
+    assert cfg.initializer_range == hf_cfg.initializer_range
+    want_window = hf_cfg.sliding_window if family == "mistral" else None
+    assert cfg.sliding_window == want_window
+
+
+def test_eps_is_carried_not_defaulted() -> None:
+    """Our ModelConfig default eps (1e-5) differs from HF's (1e-6): conversion must carry the file's."""
+    for eps in (1e-5, 1e-6, 3e-6):
+        d = json.loads(transformers.LlamaConfig(**{**BASE, "rms_norm_eps": eps}).to_json_string(use_diff=True))
+        assert model_config_from_hf(d).rms_norm_eps == eps
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_kv_heads_required_where_transformers_default_ignores_heads(family: str) -> None:
+    minimal = {"model_type": family, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+               "intermediate_size": 96, "vocab_size": 97}
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        model_config_from_hf(minimal)
