@@ -47,7 +47,7 @@ def build_model(cfg: TrainConfig):
     from llmshearing.models.llama import LlamaForCausalLM
 
     if cfg.model.path is not None:
-        model = load_model(cfg.model.path)
+        model = load_model(cfg.model.path, dtype=torch.float32)  # fp32 master weights (amp computes in bf16)
     else:
         model = LlamaForCausalLM(build_model_config(cfg))
     l0 = None

@@ -67,16 +67,23 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = None) -> tuple[
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None):
-    """Build an `LlamaForCausalLM` from a model directory, refusing missing/unexpected/misshaped keys."""
+    """Build an `LlamaForCausalLM` from a model directory, refusing missing/unexpected/misshaped keys.
+
+    The model is built on the meta device and the loaded tensors are assigned, so a 7B model is
+    neither randomly initialised first nor held twice. Parameters get `dtype` (default: the file's).
+    """
     from llmshearing.models.llama import LlamaForCausalLM
 
     cfg, sd = load_model_dir(path, dtype)
-    model = LlamaForCausalLM(cfg)
-    load_state_dict_strict(model, sd, source=str(path))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    load_state_dict_strict(model, sd, source=str(path), assign=True)
+    model.model.rotary_emb.to_empty(device="cpu")
+    model.model.rotary_emb.reset_parameters()
     return model
 
 
-def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
     """`load_state_dict(strict=True)` with an error that names the file and every bad key."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -92,6 +99,6 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
         if bad:
             parts.append("shape mismatches: " + "; ".join(bad[:8]))
         raise ValueError(f"{source}: weights do not match the model config: " + " | ".join(parts))
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=assign)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
