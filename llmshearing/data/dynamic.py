@@ -1,0 +1,602 @@
+"""Dynamic multi-domain batch loading that works with DataLoader workers and resumes exactly.
+
+Why this design: the reference drew domains inside an IterableDataset,
+i.e. in the DataLoader *worker* processes, which never saw proportion updates made by the callback
+in the main process, and checkpointed every used sample id. Here:
+
+* `MixtureDataset` is a map-style view over ONE `StreamingDataset` with one `Stream` per domain
+  (local or remote): `dataset[global_id]` -> {input_ids, domain}. Workers only fetch samples.
+* `DynamicBatchSampler` runs in the MAIN process (DataLoader pulls batch indices there). For global
+  batch `b` it draws the domain of every sample with a generator seeded by (seed, b) under the
+  proportions in effect for `b` -- identical on every rank without collectives -- then takes the
+  next ids from per-domain seeded permutations (each pass over a domain is without replacement),
+  and yields only this rank's contiguous slice of the global batch.
+* Proportion changes apply from the sampler's next batch index and are recorded as a history
+  [(from_batch, proportions)], so every rank (same num_workers / prefetch) and every resumed run
+  switches at the same batch.
+* The state is tiny: seed, batch index, per-domain cursor and pass, proportion history. The sampler
+  runs ahead of training (prefetch), so `state_dict(num_samples)` rebuilds the cursors for the
+  *consumed* batch count (snapshot of recent batches, or a replay of the domain draws).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_DRAW_TAG = 1  # seed-sequence tags keep the draw and permutation streams apart
+_PERM_TAG = 2
+ON_EXHAUSTED = ("stop", "repeat")
+
+
+class DomainExhaustedError(RuntimeError):
+    """A domain ran out of samples with on_exhausted='stop'."""
+
+
+def validate_proportions(proportions: Sequence[float] | Mapping[str, float] | np.ndarray,
+                         domains: Sequence[str], tol: float = 1e-6) -> np.ndarray:
+    """One non-negative weight per domain summing to 1 (within `tol`); returned renormalised in float64."""
+    if isinstance(proportions, Mapping):
+        missing = [d for d in domains if d not in proportions]
+        extra = sorted(set(proportions) - set(domains))
+        if missing or extra:
+            raise ValueError(f"proportions: missing domains {missing}, unknown domains {extra}")
+        proportions = [proportions[d] for d in domains]
+    p = np.asarray(proportions, dtype=np.float64).reshape(-1)
+    if p.shape[0] != len(domains):
+        raise ValueError(f"proportions: got {p.shape[0]} values for {len(domains)} domains {list(domains)}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0):
+        raise ValueError(f"proportions must be finite and >= 0, got {p.tolist()}")
+    s = float(p.sum())
+    if abs(s - 1.0) > tol:
+        raise ValueError(f"proportions must sum to 1 (within {tol}), got sum={s!r} for {p.tolist()}")
+    return p / s
+
+
+class DynamicBatchSampler(Sampler[list[int]]):
+    """Yields this rank's global sample ids for each global batch; see the module docstring.
+
+    Args:
+        domain_sizes: samples per domain (one Stream each).
+        proportions: initial domain weights (sum to 1).
+        global_batch_size: samples per global batch (all ranks); divisible by `world_size`.
+        seed: seeds the per-batch domain draws and the per-domain permutations.
+        rank, world_size: this rank gets positions [rank*B, (rank+1)*B) of each global batch, B = G/W.
+        domains: names (for messages and the state); default d0, d1, ...
+        sample_offsets: global id of each domain's first sample; default cumulative sizes.
+        on_exhausted: 'stop' raises DomainExhaustedError; 'repeat' starts a new seeded pass.
+        snapshot_limit: cursor snapshots kept for recent batches (beyond it, state is replayed).
+    """
+
+    def __init__(self, domain_sizes: Sequence[int], proportions: Sequence[float] | Mapping[str, float],
+                 global_batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 domains: Sequence[str] | None = None, sample_offsets: Sequence[int] | None = None,
+                 on_exhausted: str = "stop", snapshot_limit: int = 1024) -> None:
+        sizes = np.asarray(domain_sizes, dtype=np.int64).reshape(-1)
+        if sizes.size == 0 or np.any(sizes <= 0):
+            raise ValueError(f"every domain needs >= 1 sample, got sizes {sizes.tolist()}")
+        self.domains = list(domains) if domains is not None else [f"d{i}" for i in range(sizes.size)]
+        if len(self.domains) != sizes.size or len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"domains {self.domains} must be unique, one per size {sizes.tolist()}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        if global_batch_size < 1 or global_batch_size % world_size:
+            raise ValueError(f"global_batch_size ({global_batch_size}) must be a positive multiple of "
+                             f"world_size ({world_size})")
+        if on_exhausted not in ON_EXHAUSTED:
+            raise ValueError(f"on_exhausted must be one of {ON_EXHAUSTED}, got {on_exhausted!r}")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.sizes = sizes
+        self.offsets = (np.asarray(sample_offsets, dtype=np.int64) if sample_offsets is not None
+                        else np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+        self.global_batch_size = int(global_batch_size)
+        self.world_size = int(world_size)
+        self.rank = int(rank)
+        self.device_batch_size = self.global_batch_size // self.world_size
+        self.seed = int(seed)
+        self.on_exhausted = on_exhausted
+        self.snapshot_limit = int(snapshot_limit)
+        self._history: list[tuple[int, np.ndarray]] = [(0, validate_proportions(proportions, self.domains))]
+        self._reset_position(0, np.zeros(sizes.size, np.int64))
+
+    # ---------------------------------------------------------------- position bookkeeping
+    def _reset_position(self, batch: int, consumed: np.ndarray) -> None:
+        self._next_batch = int(batch)
+        self._delivered = int(batch)  # batches handed to the trainer (tracked by DynamicDataLoader)
+        self._consumed = consumed.astype(np.int64).copy()  # samples drawn per domain before _next_batch
+        self._base = (self._next_batch, self._consumed.copy())  # replay origin
+        self._snapshots: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def next_batch(self) -> int:
+        """Index of the next global batch the sampler will produce."""
+        return self._next_batch
+
+    # ---------------------------------------------------------------- proportions
+    @property
+    def proportions(self) -> np.ndarray:
+        """Latest proportions set (those in effect for batches at/after the last history entry)."""
+        return self._history[-1][1].copy()
+
+    @property
+    def proportion_history(self) -> list[tuple[int, list[float]]]:
+        return [(b, p.tolist()) for b, p in self._history]
+
+    def proportions_at(self, batch: int) -> np.ndarray:
+        i = bisect.bisect_right([b for b, _ in self._history], batch) - 1
+        return self._history[max(i, 0)][1]
+
+    def set_proportions(self, proportions: Sequence[float] | Mapping[str, float] | np.ndarray,
+                        from_batch: int | None = None) -> int:
+        """Use `proportions` from global batch `from_batch` on (default: the next batch produced).
+
+        Returns the batch index the change applies from. Entries scheduled at or after it are replaced.
+        """
+        p = validate_proportions(proportions, self.domains)
+        b = self._next_batch if from_batch is None else int(from_batch)
+        if b < self._next_batch:
+            raise ValueError(f"cannot change proportions from batch {b}: batches up to {self._next_batch - 1} "
+                             "were already produced")
+        self._history = [(fb, q) for fb, q in self._history if fb < b]
+        if self._history and np.array_equal(self._history[-1][1], p):
+            return b  # no change: keep the history short
+        self._history.append((b, p))
+        log.info("domain proportions from batch %d: %s", b,
+                 ", ".join(f"{d}={w:.4f}" for d, w in zip(self.domains, p)))
+        return b
+
+    # ---------------------------------------------------------------- drawing
+    def draw_domains(self, batch: int) -> np.ndarray:
+        """Domain of every position of global batch `batch` (same on all ranks)."""
+        rng = np.random.default_rng([self.seed, _DRAW_TAG, int(batch)])
+        return rng.choice(self.sizes.size, size=self.global_batch_size, p=self.proportions_at(batch))
+
+    def _perm(self, d: int, pass_idx: int) -> np.ndarray:
+        key = (d, pass_idx)
+        perm = self._perms.get(key)
+        if perm is None:
+            n = int(self.sizes[d])
+            perm = np.random.default_rng([self.seed, _PERM_TAG, d, pass_idx]).permutation(n)
+            perm = perm.astype(np.int32 if n < 2**31 else np.int64)
+            for old in [k for k in self._perms if k[0] == d and k[1] < pass_idx - 1]:
+                del self._perms[old]
+            self._perms[key] = perm
+        return perm
+
+    def _produce(self) -> list[int]:
+        b = self._next_batch
+        doms = self.draw_domains(b)
+        counts = np.bincount(doms, minlength=self.sizes.size)
+        after = self._consumed + counts
+        if self.on_exhausted == "stop":
+            over = np.nonzero(after > self.sizes)[0]
+            if over.size:
+                d = int(over[0])
+                raise DomainExhaustedError(
+                    f"domain '{self.domains[d]}' is exhausted: it has {int(self.sizes[d])} samples, all used "
+                    f"by batch {b} (which needs {int(counts[d])} more; {int(self._consumed[d])} used before). "
+                    "Prepare more data for it or use on_exhausted='repeat'.")
+        else:
+            last_pass = (after - 1) // self.sizes  # pass of the last sample drawn in this batch
+            started = (counts > 0) & (last_pass >= 1) & (last_pass * self.sizes >= self._consumed)
+            for d in np.nonzero(started)[0]:
+                log.info("domain %s: all %d samples used, starting pass %d (batch %d)",
+                         self.domains[d], int(self.sizes[d]), int(last_pass[d]) + 1, b)
+        # within-batch occurrence index of each position among positions of the same domain
+        occ = np.empty(self.global_batch_size, np.int64)
+        for d in np.nonzero(counts)[0]:
+            where = np.nonzero(doms == d)[0]
+            occ[where] = np.arange(where.size)
+        lo, hi = self.rank * self.device_batch_size, (self.rank + 1) * self.device_batch_size
+        ids = []
+        for j in range(lo, hi):
+            d = int(doms[j])
+            t = int(self._consumed[d] + occ[j])
+            n = int(self.sizes[d])
+            ids.append(int(self.offsets[d]) + int(self._perm(d, t // n)[t % n]))
+        self._snapshots[b] = self._consumed.copy()
+        while len(self._snapshots) > self.snapshot_limit:
+            self._snapshots.popitem(last=False)
+        self._consumed = after
+        self._next_batch = b + 1
+        return ids
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """Infinite: continues from the current position (set by `load_state_dict` for a resume)."""
+        while True:
+            yield self._produce()
+
+    def seek(self, batch: int) -> None:
+        """Move the position to global batch `batch` (>= where this sampler started or resumed)."""
+        consumed = self._consumed_before(int(batch))
+        self._next_batch, self._consumed = int(batch), consumed
+        for b in [b for b in self._snapshots if b >= batch]:
+            del self._snapshots[b]
+
+    def mark_delivered(self) -> None:
+        self._delivered += 1
+
+    def rewind_to_delivered(self) -> None:
+        """Forget batches produced for prefetching but never delivered (before a new iteration)."""
+        if self._delivered != self._next_batch:
+            log.debug("dynamic sampler: rewinding from batch %d to delivered batch %d",
+                      self._next_batch, self._delivered)
+            self.seek(self._delivered)
+
+    # ---------------------------------------------------------------- state
+    def _consumed_before(self, batch: int) -> np.ndarray:
+        """Per-domain samples drawn before global batch `batch` (snapshot, or replay of the draws)."""
+        if batch == self._next_batch:
+            return self._consumed.copy()
+        if batch in self._snapshots:
+            return self._snapshots[batch].copy()
+        start, consumed = self._base
+        if batch < start:
+            raise ValueError(f"cannot reconstruct the loader state at batch {batch}: this sampler started "
+                             f"(or was resumed) at batch {start}")
+        known = [b for b in self._snapshots if b <= batch]
+        if known:
+            start = max(known)
+            consumed = self._snapshots[start]
+        consumed = consumed.copy()
+        for b in range(start, batch):
+            consumed += np.bincount(self.draw_domains(b), minlength=self.sizes.size)
+        return consumed
+
+    def state_dict(self, num_samples: int | None = None, from_beginning: bool = True,
+                   consumed_batches: int | None = None) -> dict[str, Any]:
+        """State after the CONSUMED batches (not what prefetching has produced).
+
+        Composer passes `num_samples` = global samples consumed in the epoch (from_beginning=True).
+        With from_beginning=False it counts from where this sampler started/resumed. Without
+        arguments, the state after the batches produced so far is returned.
+        """
+        if consumed_batches is not None:
+            k = int(consumed_batches)
+        elif num_samples is not None:
+            num_samples = int(num_samples)
+            if num_samples % self.global_batch_size:
+                raise ValueError(f"num_samples={num_samples} is not a whole number of global batches of "
+                                 f"{self.global_batch_size}: is global_batch_size the trainer's?")
+            k = num_samples // self.global_batch_size + (0 if from_beginning else self._base[0])
+        else:
+            k = self._next_batch
+        consumed = self._consumed_before(k)
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "domains": list(self.domains),
+            "domain_sizes": self.sizes.tolist(),
+            "global_batch_size": self.global_batch_size,
+            "batch_idx": k,
+            "cursors": (consumed % self.sizes).tolist(),
+            "passes": (consumed // self.sizes).tolist(),
+            "proportion_history": [[b, p.tolist()] for b, p in self._history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue exactly where the checkpointed run's consumed batches ended (call before iterating)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported dynamic-loader state version {state.get('version')!r}")
+        for key, mine in (("domains", self.domains), ("domain_sizes", self.sizes.tolist()),
+                          ("global_batch_size", self.global_batch_size), ("seed", self.seed)):
+            if state[key] != mine:
+                raise ValueError(f"cannot resume the data loader: checkpoint has {key}={state[key]}, "
+                                 f"this run has {key}={mine}")
+        hist = [(int(b), validate_proportions(p, self.domains)) for b, p in state["proportion_history"]]
+        if not hist or hist[0][0] != 0 or any(b2 <= b1 for (b1, _), (b2, _) in zip(hist, hist[1:])):
+            raise ValueError(f"invalid proportion_history in loader state: {state['proportion_history']}")
+        consumed = (np.asarray(state["passes"], np.int64) * self.sizes
+                    + np.asarray(state["cursors"], np.int64))
+        self._history = hist
+        self._reset_position(int(state["batch_idx"]), consumed)
+
+
+# -------------------------------------------------------------------------------------------
+# Datasets over MDS shards
+# -------------------------------------------------------------------------------------------
+
+class MixtureDataset(Dataset):
+    """Random access by global sample id into one StreamingDataset with a Stream per domain.
+
+    Also the object Composer checkpoints (`state_dict(num_samples, from_beginning)` /
+    `load_state_dict`): both are forwarded to the batch sampler that drives the loader.
+    """
+
+    def __init__(self, streaming_dataset: Any, domains: Sequence[str], seq_len: int,
+                 domain_index: Sequence[int] | None = None) -> None:
+        self.sds = streaming_dataset
+        self.domains = list(domains)
+        self.seq_len = int(seq_len)
+        self.offsets = np.asarray(streaming_dataset.sample_offset_per_stream, np.int64)
+        self.sizes = np.asarray(streaming_dataset.samples_per_stream, np.int64)
+        self.domain_index = list(domain_index) if domain_index is not None else list(range(len(self.domains)))
+        self.sampler: DynamicBatchSampler | None = None
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
+
+    def __getitem__(self, gid: int) -> dict[str, Any]:
+        gid = int(gid)
+        tokens = np.asarray(self.sds.get_item(gid)["tokens"])
+        stream = int(np.searchsorted(self.offsets, gid, side="right") - 1)
+        if tokens.shape != (self.seq_len,):
+            raise ValueError(f"domain '{self.domains[stream]}': sample {gid} has shape {tokens.shape}, "
+                             f"expected ({self.seq_len},): data prepared with another seq_len?")
+        return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "domain": self.domain_index[stream]}
+
+    def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict[str, Any] | None:
+        if self.sampler is None:
+            return None
+        return self.sampler.state_dict(num_samples=num_samples, from_beginning=from_beginning)
+
+    def load_state_dict(self, obj: Mapping[str, Any] | None) -> None:
+        if obj is None or self.sampler is None:
+            return
+        self.sampler.load_state_dict(obj)
+
+    def close(self) -> None:
+        """Release Streaming's shared memory (see `release_shared_memory`); the dataset is unusable after."""
+        if getattr(self, "sds", None) is not None:
+            release_shared_memory(self.sds)
+            self.sds = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["sampler"] = None  # the sampler lives in the main process only
+        return state
+
+
+class DynamicDataLoader(DataLoader):
+    """DataLoader whose every new iteration restarts at the first batch not yet delivered.
+
+    With workers the sampler runs `num_workers * prefetch_factor` batches ahead; a new `iter()`
+    (a second `fit()`, a new epoch) drops those prefetched batches, so without the rewind they
+    would be skipped.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.batch_sampler
+        if not isinstance(sampler, DynamicBatchSampler):
+            yield from super().__iter__()
+            return
+        sampler.rewind_to_delivered()
+        for batch in super().__iter__():
+            sampler.mark_delivered()
+            yield batch
+
+
+def release_shared_memory(streaming_dataset: Any) -> int:
+    """Close and unlink a StreamingDataset's shared-memory blocks now instead of at exit.
+
+    Streaming keeps every block (and one fd each) alive until interpreter exit through `atexit`,
+    and each new StreamingDataset opens the blocks of all live ones while picking its prefix, so
+    a process that builds many loaders (tests, sweeps) runs out of file descriptors. Call this
+    when a dataset is no longer used (its DataLoader workers must be gone or idle).
+    """
+    import atexit
+
+    from streaming.base.shared.memory import SharedMemory
+
+    found: list[Any] = []
+
+    def walk(obj: Any, depth: int) -> None:
+        for v in list(vars(obj).values()):
+            if isinstance(v, SharedMemory):
+                found.append(v)
+            elif depth > 0 and hasattr(v, "__dict__") and type(v).__module__.startswith("streaming."):
+                walk(v, depth - 1)
+
+    walk(streaming_dataset, 3)
+    for shm in found:
+        atexit.unregister(shm.cleanup)
+        try:
+            shm.cleanup()
+        except (OSError, ValueError, BufferError):
+            pass
+    # lock files left in the temp dir would make Streaming skip this prefix forever
+    barrier = getattr(streaming_dataset, "_shared_barrier", None)
+    for path in (getattr(streaming_dataset, "_cache_filelock_path", None), getattr(barrier, "filelock_path", None)):
+        if path:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+    return len(found)
+
+
+class _RangeSampler(Sampler[int]):
+    """Fixed contiguous range of sample ids, in order (deterministic evaluation)."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = int(start), int(stop)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def _domain_dirs(root: str, split: str, domains: Sequence[str],
+                 local_cache: str | None) -> list[tuple[str, str | None]]:
+    """(local, remote) per domain.
+
+    Without `local_cache`, `root` is a local folder read in place. With it, `root` is a remote
+    (s3://, gs://, ..., or another folder) whose shards Streaming downloads into `local_cache`.
+    """
+    out = []
+    for d in domains:
+        if local_cache is not None:
+            out.append((os.path.join(local_cache, split, d), f"{str(root).rstrip('/')}/{split}/{d}"))
+            continue
+        if "://" in root:
+            raise ValueError(f"root {root} is remote: give local_cache= (a local folder for downloaded shards)")
+        local = os.path.join(str(root), split, d)
+        if not os.path.isfile(os.path.join(local, "index.json")):
+            raise FileNotFoundError(f"domain '{d}': no MDS data at {local} (missing index.json); "
+                                    f"prepare it with `llmshearing prepare-data`")
+        out.append((local, None))
+    return out
+
+
+def _streaming_dataset(dirs: Sequence[tuple[str, str | None]], batch_size: int) -> Any:
+    from streaming import Stream, StreamingDataset
+
+    streams = [Stream(local=local, remote=remote) for local, remote in dirs]
+    return StreamingDataset(streams=streams, batch_size=batch_size, shuffle=False, predownload=8 * batch_size)
+
+
+def _check_data(root: str, split: str, domains: Sequence[str], seq_len: int, vocab_size: int | None) -> None:
+    """Refuse data whose manifest disagrees with the run (local roots; rows are also shape-checked)."""
+    if not os.path.isdir(root):
+        return
+    from llmshearing.data.prep import check_manifest, load_manifest
+
+    if load_manifest(root) is None:
+        log.warning("no manifest.json under %s: cannot check tokenizer / seq_len of the data", root)
+        return
+    check_manifest(root, seq_len=seq_len, vocab_size=vocab_size, domains=domains, split=split,
+                   allow_padded_vocab=True)
+
+
+def _loader_kwargs(num_workers: int, prefetch_factor: int | None, persistent_workers: bool,
+                   pin_memory: bool) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_workers": int(num_workers), "pin_memory": pin_memory}
+    if num_workers > 0:
+        kw["persistent_workers"] = persistent_workers
+        if prefetch_factor is not None:
+            kw["prefetch_factor"] = prefetch_factor
+    return kw
+
+
+def build_train_dataloader(
+    root: str | os.PathLike,
+    domains: Sequence[str],
+    proportions: Sequence[float] | Mapping[str, float],
+    global_batch_size: int,
+    seq_len: int,
+    seed: int = 17,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    on_exhausted: str = "stop",
+    split: str = "train",
+    *,
+    prefetch_factor: int | None = None,
+    persistent_workers: bool = False,
+    pin_memory: bool = False,
+    vocab_size: int | None = None,
+    local_cache: str | os.PathLike | None = None,
+) -> DataLoader:
+    """DynamicDataLoader of {input_ids: LongTensor[B, seq_len], domain: LongTensor[B]}, B = G / world_size.
+
+    The sampler is `loader.batch_sampler` (a `DynamicBatchSampler`); the dataset forwards
+    Composer's `state_dict`/`load_state_dict` to it. The loader is infinite: give Composer a
+    `max_duration` in batches/tokens/samples.
+    """
+    domains = [str(d) for d in domains]
+    if not domains or len(set(domains)) != len(domains):
+        raise ValueError(f"domains must be a non-empty list of unique names, got {domains}")
+    props = validate_proportions(proportions, domains)
+    if global_batch_size < 1 or global_batch_size % world_size:
+        raise ValueError(f"global_batch_size ({global_batch_size}) must be a positive multiple of "
+                         f"world_size ({world_size})")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    root = str(root)
+    dirs = _domain_dirs(root, split, domains, None if local_cache is None else str(local_cache))
+    _check_data(root, split, domains, seq_len, vocab_size)
+    sds = _streaming_dataset(dirs, global_batch_size // world_size)
+    ds = MixtureDataset(sds, domains, seq_len)
+    sampler = DynamicBatchSampler(ds.sizes, props, global_batch_size, seed=seed, rank=rank, world_size=world_size,
+                                  domains=domains, sample_offsets=ds.offsets, on_exhausted=on_exhausted)
+    ds.sampler = sampler
+    for d, off in zip(domains, ds.offsets):  # fail now, not in a worker, if rows have another length
+        ds[int(off)]
+    return DynamicDataLoader(ds, batch_sampler=sampler,
+                             **_loader_kwargs(num_workers, prefetch_factor, persistent_workers, pin_memory))
+
+
+def build_eval_dataloader(
+    root: str | os.PathLike,
+    domain: str,
+    batch_size: int,
+    seq_len: int,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str = "eval",
+    num_workers: int = 0,
+    *,
+    domain_index: int = 0,
+    max_samples: int | None = None,
+    vocab_size: int | None = None,
+    local_cache: str | os.PathLike | None = None,
+) -> DataLoader:
+    """One domain's eval rows in order; rank r reads its own contiguous, equally long part.
+
+    Every rank gets floor(N / world_size) rows (the remainder is skipped) so all ranks run the same
+    number of eval batches (FSDP forwards are collective). `domain` in the batches is `domain_index`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+    root = str(root)
+    dirs = _domain_dirs(root, split, [domain], None if local_cache is None else str(local_cache))
+    _check_data(root, split, [domain], seq_len, vocab_size)
+    sds = _streaming_dataset(dirs, batch_size)
+    ds = MixtureDataset(sds, [domain], seq_len, domain_index=[domain_index])
+    n = len(ds) if max_samples is None else min(len(ds), int(max_samples))
+    per_rank = n // world_size
+    if per_rank == 0:
+        raise ValueError(f"eval data of domain '{domain}' has {n} rows, fewer than world_size={world_size}")
+    if n % world_size:
+        log.info("eval %s: skipping %d of %d rows so every rank gets %d", domain, n % world_size, n, per_rank)
+    ds[0]  # shape check in the main process
+    # batch_size= (not batch_sampler=) so Composer can read the eval microbatch size from the loader
+    return DataLoader(ds, batch_size=batch_size, sampler=_RangeSampler(rank * per_rank, (rank + 1) * per_rank),
+                      drop_last=False, num_workers=num_workers)
+
+
+def find_dynamic_sampler(obj: Any) -> DynamicBatchSampler | None:
+    """The DynamicBatchSampler behind a DataLoader / DataSpec / dataset, if any."""
+    seen = 0
+    while obj is not None and seen < 4:
+        if isinstance(obj, DynamicBatchSampler):
+            return obj
+        bs = getattr(obj, "batch_sampler", None)
+        if isinstance(bs, DynamicBatchSampler):
+            return bs
+        ds = getattr(obj, "dataset", None)
+        if isinstance(getattr(ds, "sampler", None), DynamicBatchSampler):
+            return ds.sampler
+        obj = getattr(obj, "dataloader", None)
+        seen += 1
+    return None
+
+
+__all__ = [
+    "DomainExhaustedError",
+    "DynamicBatchSampler",
+    "DynamicDataLoader",
+    "MixtureDataset",
+    "build_eval_dataloader",
+    "build_train_dataloader",
+    "find_dynamic_sampler",
+    "release_shared_memory",
+    "validate_proportions",
+]
