@@ -1,0 +1,134 @@
+"""`llmshearing prune-export`: a Composer pruning checkpoint -> a dense model of the target shape.
+
+The checkpoint is self-describing (ModelInfo callback state: the source ModelConfig and the
+`pruning` dict of `L0Module.config_dict()`), so nothing but the file is needed: rebuild the masked
+model and the L0 module, take the exact-target deterministic masks (or a saved mask file), cut,
+check the shape against the target, write our model directory (and optionally an HF directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmshearing.callbacks.model_info import read_model_info
+from llmshearing.convert.checkpoint import load_state_dict_strict, save_model_dir
+from llmshearing.masks import StructureMasks
+from llmshearing.models.llama import LlamaForCausalLM
+from llmshearing.pruning.cut import cut_model, cut_report
+from llmshearing.pruning.l0 import L0Module
+
+log = logging.getLogger(__name__)
+
+_WRAPPER_FRAGMENTS = re.compile(r"(_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.|_orig_mod\.)")
+
+
+StateDict = dict[str, torch.Tensor]
+
+
+def split_composer_state(model_state: StateDict) -> tuple[StateDict, StateDict]:
+    """(LlamaForCausalLM state dict, L0Module state dict) from ComposerLlama keys `model.*` / `l0.*`."""
+    model_sd: StateDict = {}
+    l0_sd: StateDict = {}
+    for k, v in model_state.items():
+        k = _WRAPPER_FRAGMENTS.sub("", k)
+        if k.startswith("module."):  # DDP
+            k = k[len("module."):]
+        if k.startswith("model."):
+            model_sd[k[len("model."):]] = v
+        elif k.startswith("l0."):
+            l0_sd[k[len("l0."):]] = v
+        else:
+            raise ValueError(f"unexpected key {k!r} in the checkpoint's model state (expected 'model.' or 'l0.')")
+    return model_sd, l0_sd
+
+
+def load_masks_file(path: str | Path) -> StructureMasks:
+    """Masks saved by PruningCallback (`{'masks': ...}`) or a bare StructureMasks state dict."""
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "masks" in obj and isinstance(obj["masks"], dict):
+        obj = obj["masks"]
+    return StructureMasks.from_state_dict(obj)
+
+
+def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path | None = None,
+                  tokenizer_dir: str | Path | None = None, masks_path: str | Path | None = None) -> dict[str, Any]:
+    """Cut the pruned model of a Composer checkpoint and save it; returns the cut report."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint file")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    info = read_model_info(ckpt, source=str(ckpt_path))
+    cfg, pruning = info["model_config"], info["pruning"]
+    if not pruning:
+        raise ValueError(f"{ckpt_path}: the checkpoint has no pruning setup (ModelInfo.pruning is empty); "
+                         "is it a pruning run?")
+    state = ckpt.get("state", ckpt)
+    if "model" not in state:
+        raise ValueError(f"{ckpt_path}: no model weights under ['state']['model']")
+    model_sd, l0_sd = split_composer_state(state["model"])
+
+    model = LlamaForCausalLM(cfg)
+    load_state_dict_strict(model, model_sd, source=str(ckpt_path))
+    l0 = L0Module.from_config_dict(cfg.shape, pruning, eval_target_model=True)
+    l0.load_state_dict(l0_sd, strict=True)
+    l0.eval()
+    masks = load_masks_file(masks_path) if masks_path is not None else l0.deterministic_masks(target=True)
+
+    report = cut_report(cfg.shape, masks)
+    cut = cut_model(model, masks)
+    got, want = cut.config.shape, l0.target
+    if got.replace(tie_embeddings=want.tie_embeddings) != want:
+        raise ValueError(f"the cut model's shape differs from the pruning target:\n  cut:    {got.summary()}\n"
+                         f"  target: {want.summary()}")
+    if got.tie_embeddings != want.tie_embeddings:
+        log.warning("target asks tie_embeddings=%s but the cut model has %s (hidden mask values folded into the "
+                    "embedding)", want.tie_embeddings, got.tie_embeddings)
+
+    sd = cut.state_dict()
+    save_model_dir(sd, cut.config, out_dir)
+    report["out_dir"] = str(out_dir)
+    if hf_dir is not None:
+        from llmshearing.convert.hf import export_to_hf  # lazy: optional path, heavier imports
+
+        export_to_hf(sd, cut.config, hf_dir, tokenizer_dir=tokenizer_dir)
+        report["hf_dir"] = str(hf_dir)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    layers = report["kept_layers"]
+    lines = [
+        f"kept layers ({len(layers)}): {layers}",
+        f"heads per layer: {report['heads_per_layer']} (kv heads {report['kv_heads_per_layer']})",
+        f"intermediate channels per layer: {report['channels_per_layer']}",
+        f"hidden: {report['hidden']}",
+        f"parameters: {report['n_params']:,} (source {report['source_n_params']:,})",
+        f"wrote {report['out_dir']}" + (f" and {report['hf_dir']}" if report.get("hf_dir") else ""),
+    ]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = export_pruned(args.ckpt, args.out, hf_dir=args.hf, tokenizer_dir=args.tokenizer, masks_path=args.masks)
+    print(format_report(report))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "prune-export", help="cut a pruning checkpoint to a dense model of the target shape",
+        description="Cut a Composer pruning checkpoint to a dense model of the pruning target shape "
+                    "(exact-target deterministic masks) and write an llmshearing model directory.")
+    p.add_argument("ckpt", help="Composer checkpoint of the pruning run (e.g. latest-rank0.pt)")
+    p.add_argument("out", help="output llmshearing model directory")
+    p.add_argument("--hf", metavar="OUT_DIR", default=None, help="also write a Hugging Face model directory")
+    p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory copied into the HF export")
+    p.add_argument("--masks", metavar="masks_baN.pt", default=None,
+                   help="cut with these saved masks instead of the checkpoint's exact-target masks")
+    p.set_defaults(func=_run)

@@ -1,0 +1,395 @@
+"""L0Module: the learnable structure masks of one source shape pruned towards one target shape.
+
+It owns, per mask type, the hard-concrete logits and the two Lagrange multipliers, and turns
+them into (a) the `StructureMasks` the model applies and (b) the Lagrangian penalty that pulls
+each mask type's expected sparsity onto its (warmed-up) target. It knows nothing about Composer;
+`llmshearing.callbacks.pruning.PruningCallback` glues it to the Trainer.
+
+Mask types (L layers, H query heads, K KV groups of G query heads, F channels, D hidden):
+
+| type         | logits    | kept per row (target)  | created when ('module' enabled and)   |
+|--------------|-----------|------------------------|----------------------------------------|
+| layer        | [L]       | n_layers_T             | 'layer',  n_layers_T < L               |
+| head (MHA)   | [L, H]    | n_heads_T per layer    | 'head',   H_T < H, source is MHA       |
+| kv_group     | [L, K]    | K_T per layer          | 'head',   K_T < K, source is GQA       |
+| query_head   | [L, K, G] | G_T per KV group       | 'head',   G_T < G, source is GQA       |
+| intermediate | [L, F]    | F_T per layer          | 'intermediate', F_T < F                |
+| hidden       | [D]       | d_model_T              | 'hidden', D_T < D                      |
+
+Under GQA the per-query-head mask handed to the model is z[l, k*G + g] = z_kv[l, k] * z_q[l, k, g]
+(query head h uses KV group h // G, the convention of SDPA's enable_gqa / HF repeat_kv). The
+deterministic masks keep exactly K_T groups per layer and G_T heads in every group, so the cut model
+is a valid GQA shape. MHA is the special case G = 1, expressed as one [L, H] 'head' mask.
+
+Penalty averaging: the Lagrangian of a mask type is the penalty of the *mean* expected sparsity,
+lambda_1 * (s - t) + lambda_2 * (s - t)^2 with s = 1 - mean(P(z != 0)) over all rows and units
+(one constraint per mask type). The reference took the mean of per-row penalties; the linear terms
+are identical, the quadratic one differs only by the variance of per-row sparsity, which the
+deterministic per-row top-k makes irrelevant for the final shape.
+
+Sampling noise: the uniform noise of the training samples comes from a private generator seeded
+with hash(seed, rank, step, forward-count-within-step), not from the global RNG. A sample is then a
+pure function of the training position, so a resumed run draws exactly the masks the uninterrupted
+run drew (Composer does not restore the global RNG on a mid-epoch resume with a resumable dataset),
+every microbatch draws fresh noise, and every rank its own (as with the reference's seed + rank).
+`seed=None` uses base seed 0 for the noise (and the global RNG for the init); pass the run's seed.
+
+log_alpha range: clamped in place to [log 1e-2, log 1e2] after every optimizer step (`clamp_()`,
+called by the callback), and additionally clamped *at use* with a straight-through gradient
+(`hard_concrete.clamp_at_use`), so the values used always obey the spec even if a step was not
+followed by `clamp_()` (e.g. under FSDP without original params).
+
+The `pruning` dict written into checkpoints (see `config_dict`):
+    {'target': ModelShape.to_dict(), 'modules': [str, ...], 'lagrangian_warmup_steps': int,
+     'eval_target_model': bool, 'init_mean': float}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmshearing.masks import StructureMasks
+from llmshearing.pruning import hard_concrete as hc
+from llmshearing.pruning.target import VALID_MODULES, validate_target
+from llmshearing.shape import ModelShape, ShapeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODULES: tuple[str, ...] = ("layer", "head", "intermediate", "hidden")
+MASK_TYPES: tuple[str, ...] = ("layer", "head", "kv_group", "query_head", "intermediate", "hidden")
+_CONFIG_KEYS = {"target", "modules", "lagrangian_warmup_steps", "eval_target_model", "init_mean"}
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """One mask type: logits shape, units kept per row in the target, and its pruning module."""
+
+    name: str
+    shape: tuple[int, ...]
+    n_keep: int
+    module: str
+
+    @property
+    def row_size(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def final_target_sparsity(self) -> float:
+        return 1.0 - self.n_keep / self.row_size
+
+
+def mask_specs(source: ModelShape, target: ModelShape, modules: Iterable[str]) -> dict[str, MaskSpec]:
+    """The mask types needed to prune `source` to `target` (validated first)."""
+    modules = list(modules)
+    validate_target(source, target, modules)
+    L, H, K, G = source.n_layers, source.n_heads, source.n_kv_heads, source.group_size
+    specs: list[MaskSpec] = []
+    if "layer" in modules and target.n_layers < L:
+        specs.append(MaskSpec("layer", (L,), target.n_layers, "layer"))
+    if "head" in modules:
+        if K == H:  # MHA: one mask per head
+            if target.n_heads < H:
+                specs.append(MaskSpec("head", (L, H), target.n_heads, "head"))
+        else:
+            if target.n_kv_heads < K:
+                specs.append(MaskSpec("kv_group", (L, K), target.n_kv_heads, "head"))
+            if target.group_size < G:
+                specs.append(MaskSpec("query_head", (L, K, G), target.group_size, "head"))
+    if "intermediate" in modules and target.intermediate_size < source.intermediate_size:
+        specs.append(MaskSpec("intermediate", (L, source.intermediate_size), target.intermediate_size,
+                              "intermediate"))
+    if "hidden" in modules and target.d_model < source.d_model:
+        specs.append(MaskSpec("hidden", (source.d_model,), target.d_model, "hidden"))
+    if not specs:
+        raise ShapeError(f"target equals the source in every enabled dimension (modules {modules}); nothing to prune")
+    return {s.name: s for s in specs}
+
+
+class L0Module(nn.Module):
+    """Hard-concrete masks + Lagrange multipliers. `forward() -> (StructureMasks, lagrangian | None)`."""
+
+    def __init__(self, source: ModelShape, target: ModelShape, modules: Sequence[str] = DEFAULT_MODULES,
+                 lagrangian_warmup_steps: int = 0, eval_target_model: bool = False,
+                 init_mean: float = hc.INIT_MEAN, seed: int | None = None) -> None:
+        super().__init__()
+        if lagrangian_warmup_steps < 0:
+            raise ValueError(f"lagrangian_warmup_steps must be >= 0, got {lagrangian_warmup_steps}")
+        self.source = source
+        self.target = target
+        self.modules_enabled = list(modules)
+        self.lagrangian_warmup_steps = int(lagrangian_warmup_steps)
+        self.eval_target_model = bool(eval_target_model)
+        self.init_mean = float(init_mean)
+        self.seed = seed
+        self.specs = mask_specs(source, target, self.modules_enabled)
+        for name, spec in self.specs.items():
+            self.register_parameter(f"log_alpha_{name}", nn.Parameter(torch.empty(spec.shape, dtype=torch.float32)))
+            # shape [1], not 0-d: FSDP rejects scalar parameters
+            self.register_parameter(f"lambda_1_{name}", nn.Parameter(torch.zeros(1, dtype=torch.float32)))
+            self.register_parameter(f"lambda_2_{name}", nn.Parameter(torch.zeros(1, dtype=torch.float32)))
+        self.reset_parameters()
+        self._step = 0  # completed training batches; set by the callback (not state: derived from the timestamp)
+        self._forwards_in_step = 0  # training forwards (microbatches) since the last set_step
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # ---- construction from / to the checkpoint's `pruning` dict -----------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target.to_dict(),
+            "modules": list(self.modules_enabled),
+            "lagrangian_warmup_steps": self.lagrangian_warmup_steps,
+            "eval_target_model": self.eval_target_model,
+            "init_mean": self.init_mean,
+        }
+
+    @classmethod
+    def from_config_dict(cls, source: ModelShape, d: dict[str, Any], **overrides: Any) -> "L0Module":
+        unknown = set(d) - _CONFIG_KEYS
+        if unknown:
+            raise ValueError(f"unknown pruning config keys {sorted(unknown)}; valid: {sorted(_CONFIG_KEYS)}")
+        if "target" not in d:
+            raise ValueError("pruning config needs a 'target' shape")
+        kw: dict[str, Any] = {k: v for k, v in d.items() if k != "target"}
+        kw.update(overrides)
+        target = d["target"] if isinstance(d["target"], ModelShape) else ModelShape.from_dict(dict(d["target"]))
+        return cls(source, target, **kw)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Logits ~ N(init_mean, 0.01) clamped to range; multipliers 0 (also used for meta-device init)."""
+        gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        for name, spec in self.specs.items():
+            la = self.log_alpha(name)
+            la.copy_(hc.init_log_alpha(spec.shape, self.init_mean, generator=gen).to(la.device))
+            getattr(self, f"lambda_1_{name}").zero_()
+            getattr(self, f"lambda_2_{name}").zero_()
+
+    # ---- parameter access ----------------------------------------------------------------------
+    @property
+    def mask_types(self) -> list[str]:
+        return list(self.specs)
+
+    def log_alpha(self, name: str) -> nn.Parameter:
+        return getattr(self, f"log_alpha_{name}")
+
+    def lambdas(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return getattr(self, f"lambda_1_{name}"), getattr(self, f"lambda_2_{name}")
+
+    def log_alpha_params(self) -> list[nn.Parameter]:
+        return [self.log_alpha(n) for n in self.specs]
+
+    def lambda_params(self) -> list[nn.Parameter]:
+        return [p for n in self.specs for p in self.lambdas(n)]
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp every log_alpha in place to the spec's range (call after each optimizer step)."""
+        for p in self.log_alpha_params():
+            p.clamp_(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX)
+
+    def set_step(self, step: int) -> None:
+        """Current training step (completed batches), which drives the sparsity warm-up and keys the
+        sampling noise."""
+        self._step = int(step)
+        self._forwards_in_step = 0
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        """A generator seeded from (seed, rank, step, forward count): host-side only, no sync."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        rank = 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank()
+        key = (0 if self.seed is None else int(self.seed), rank, self._step, self._forwards_in_step)
+        gen.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)  # int-tuple hashes are process-independent
+        self._forwards_in_step += 1
+        return gen
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    # ---- masks -------------------------------------------------------------------------------
+    def forward(self) -> tuple[StructureMasks, torch.Tensor | None]:
+        if self.training:
+            gen = self._noise_generator(self.log_alpha(next(iter(self.specs))).device)
+            zs = {n: hc.sample(hc.clamp_at_use(self.log_alpha(n)), generator=gen) for n in self.specs}
+            return self._compose(zs), self.lagrangian()
+        return self.deterministic_masks(self.eval_target_model), None
+
+    @torch.no_grad()
+    def deterministic_masks(self, target: bool) -> StructureMasks:
+        """Eval/cut masks: soft scores with exactly the target count kept per row (`target=True`,
+        gives the target shape) or round(expected count) per row (the "current expected" model)."""
+        zs = {}
+        for n, spec in self.specs.items():
+            la = hc.clamp_at_use(self.log_alpha(n))
+            zs[n] = hc.deterministic(la, spec.n_keep if target else hc.expected_n_keep(la))
+        return self._compose(zs)
+
+    def _compose(self, zs: dict[str, torch.Tensor]) -> StructureMasks:
+        s = self.source
+        heads = zs.get("head")
+        z_kv, z_q = zs.get("kv_group"), zs.get("query_head")
+        if z_kv is not None and z_q is not None:
+            heads = (z_kv.unsqueeze(-1) * z_q).reshape(s.n_layers, s.n_heads)
+        elif z_kv is not None:
+            heads = z_kv.repeat_interleave(s.group_size, dim=-1)
+        elif z_q is not None:
+            heads = z_q.reshape(s.n_layers, s.n_heads)
+        return StructureMasks(layer=zs.get("layer"), heads=heads, intermediate=zs.get("intermediate"),
+                              hidden=zs.get("hidden"))
+
+    # ---- expected size and sparsity -------------------------------------------------------------
+    def probs(self) -> dict[str, torch.Tensor]:
+        """P(z != 0) per unit of every mask type (fp32, differentiable)."""
+        return {n: hc.prob_nonzero(hc.clamp_at_use(self.log_alpha(n))) for n in self.specs}
+
+    def expected_params(self, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Expected remaining prunable parameters (0-d float64 tensor).
+
+        Every weight entry survives with the product of the probabilities of the units owning
+        its row and column, so per layer l (E_D = sum of hidden probabilities, or D):
+            p_layer[l] * [ sum_k p_kv[l,k] * (kv_group_params(E_D) + sum_g p_q[l,k,g] * q_head_params(E_D))
+                           + sum_f p_int[l,f] * channel_params(E_D) ]
+        Per-unit counts are linear in d, so plugging E_D in is exact. A group's K/V rows count with
+        p_kv only (in the relaxation they still compute when all its query heads are off; the
+        target masks never leave a kept group empty). float64 so 0/1 probabilities reproduce
+        `target.n_prunable_params()` exactly even for 7B-scale counts.
+        """
+        p = {k: v.double() for k, v in (self.probs() if probs is None else probs).items()}
+        s = self.source
+        L, K, G = s.n_layers, s.n_kv_heads, s.group_size
+        dev = next(iter(p.values())).device
+        f64 = dict(dtype=torch.float64, device=dev)
+        ed = p["hidden"].sum() if "hidden" in p else torch.tensor(float(s.d_model), **f64)
+        if "head" in p:  # MHA: a head is its own KV group
+            attn = p["head"].sum(-1) * (s.params_per_kv_group(ed) + s.params_per_q_head(ed))
+        else:
+            q_per_group = p["query_head"].sum(-1) if "query_head" in p else torch.full((L, K), float(G), **f64)
+            kv = p["kv_group"] if "kv_group" in p else torch.ones((L, K), **f64)
+            attn = (kv * (s.params_per_kv_group(ed) + q_per_group * s.params_per_q_head(ed))).sum(-1)
+        if "intermediate" in p:
+            channels = p["intermediate"].sum(-1)
+        else:
+            channels = torch.full((L,), float(s.intermediate_size), **f64)
+        mlp = channels * s.params_per_channel(ed)
+        layer = p["layer"] if "layer" in p else torch.ones((L,), **f64)
+        return (layer * (attn + mlp)).sum()
+
+    def expected_sparsity(self, probs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per mask type 1 - mean P(z != 0) (mean over rows and units), plus 'overall' =
+        1 - expected_params / source prunable params."""
+        p = self.probs() if probs is None else probs
+        out = {n: 1 - v.mean() for n, v in p.items()}
+        out["overall"] = (1 - self.expected_params(p) / self.source.n_prunable_params()).float()
+        return out
+
+    def target_sparsity(self, step: int | None = None) -> dict[str, float]:
+        """Per mask type: t_m * min(1, step / lagrangian_warmup_steps), t_m = 1 - kept_T / size."""
+        step = self._step if step is None else step
+        w = self.lagrangian_warmup_steps
+        frac = 1.0 if w <= 0 else min(1.0, max(step, 0) / w)
+        return {n: spec.final_target_sparsity * frac for n, spec in self.specs.items()}
+
+    def lagrangian(self, step: int | None = None) -> torch.Tensor:
+        """sum_m lambda_1m * (s_m - t_m) + lambda_2m * (s_m - t_m)^2 (0-d fp32 tensor); minimised
+        over log_alpha, maximised over the lambdas (negative-lr param group)."""
+        s = self.expected_sparsity_per_type()
+        t = self.target_sparsity(step)
+        total = None
+        for n in self.specs:
+            l1, l2 = self.lambdas(n)
+            d = s[n] - t[n]
+            term = (l1 * d + l2 * d * d).sum()
+            total = term if total is None else total + term
+        return total
+
+    def expected_sparsity_per_type(self) -> dict[str, torch.Tensor]:
+        """expected_sparsity without the (float64) overall entry: what the Lagrangian needs."""
+        return {n: 1 - v.mean() for n, v in self.probs().items()}
+
+    @torch.no_grad()
+    def stats(self, step: int | None = None) -> dict[str, float]:
+        """Floats for logging (host syncs: call outside forward). Keys: expected_sparsity/<type>,
+        target_sparsity/<type> (warmed-up value at `step`), lambda_1/<type>, lambda_2/<type>,
+        expected_sparsity/overall, target_sparsity/overall (final, not warmed up: the overall size is
+        not constrained directly), expected_params, target_params, lagrangian."""
+        probs = self.probs()
+        es = self.expected_sparsity(probs)
+        ts = self.target_sparsity(step)
+        out: dict[str, float] = {}
+        for n in self.specs:
+            l1, l2 = self.lambdas(n)
+            out[f"expected_sparsity/{n}"] = float(es[n])
+            out[f"target_sparsity/{n}"] = ts[n]
+            out[f"lambda_1/{n}"] = float(l1.sum())
+            out[f"lambda_2/{n}"] = float(l2.sum())
+        out["expected_sparsity/overall"] = float(es["overall"])
+        out["target_sparsity/overall"] = 1 - self.target.n_prunable_params() / self.source.n_prunable_params()
+        out["expected_params"] = float(self.expected_params(probs))
+        out["target_params"] = float(self.target.n_prunable_params())
+        out["lagrangian"] = float(self.lagrangian(step))
+        return out
+
+    # ---- FSDP ----------------------------------------------------------------------------------
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool | dict[str, Any]:
+        """Wrap this module as its own FSDP unit kept in fp32 (mask logits and multipliers must
+        not be cast to bf16 by amp_bf16 / mixed_precision DEFAULT)."""
+        if module is not self:
+            return False
+        try:
+            from torch.distributed.fsdp import MixedPrecision
+        except ImportError:  # torch built without distributed
+            return True
+        return {"mixed_precision": MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                                  buffer_dtype=torch.float32)}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}{list(s.shape)}->keep {s.n_keep}/row" for n, s in self.specs.items())
+
+
+def unwrap_l0(module: nn.Module) -> "L0Module":
+    """The L0Module behind FSDP / DDP wrappers (`.module`)."""
+    m = module
+    while not isinstance(m, L0Module) and hasattr(m, "module"):
+        m = m.module
+    if not isinstance(m, L0Module):
+        raise TypeError(f"expected an L0Module (possibly wrapped), got {type(module).__name__}")
+    return m
+
+
+def pruning_param_groups(composer_model: nn.Module, lr: float, lag_lr: float,
+                         weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Three param groups for ONE optimizer: model (lr, weight_decay), mask logits (lag_lr, wd 0),
+    Lagrange multipliers (lr = -lag_lr, wd 0).
+
+    The negative learning rate turns the optimizer step into gradient *ascent* on the lambdas
+    (the min-max of the Lagrangian); torch only validates the default lr, so pass a positive
+    `lr=` to the optimizer. Weight decay must stay 0 on masks and multipliers.
+    """
+    if lag_lr <= 0:
+        raise ValueError(f"lag_lr must be > 0 (the lambdas get -lag_lr), got {lag_lr}")
+    l0_wrapped = getattr(composer_model, "l0", None)
+    if l0_wrapped is None:
+        raise ValueError("the model has no L0 module (`.l0` is None); pruning param groups need one")
+    l0 = unwrap_l0(l0_wrapped)
+    log_alphas, lambdas = l0.log_alpha_params(), l0.lambda_params()
+    l0_ids = {id(p) for p in l0.parameters()}
+    model_params = [p for p in composer_model.parameters() if id(p) not in l0_ids and p.requires_grad]
+    return [
+        {"params": model_params, "lr": lr, "weight_decay": weight_decay},
+        {"params": log_alphas, "lr": lag_lr, "weight_decay": 0.0},
+        {"params": lambdas, "lr": -lag_lr, "weight_decay": 0.0},
+    ]
+
+
+__all__ = ["L0Module", "MaskSpec", "mask_specs", "pruning_param_groups", "unwrap_l0", "DEFAULT_MODULES",
+           "MASK_TYPES", "VALID_MODULES"]
