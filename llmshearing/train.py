@@ -61,6 +61,7 @@ def build_model(cfg: TrainConfig):
             modules=list(cfg.pruning.modules),
             lagrangian_warmup_steps=time_in_batches(cfg.pruning.lagrangian_warmup, "pruning.lagrangian_warmup", max_ba),
             eval_target_model=cfg.pruning.eval_target_model,
+            seed=cfg.seed,  # mask noise is seeded per (seed, rank, step): resumable and seed-dependent
         )
     return ComposerLlama(model=model, l0=l0)
 
@@ -231,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: composer train.py CONFIG.yaml [key=value ...]   (or: python train.py ...)")
         return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Shared memory left by a crashed run (Streaming) would make this one hang or fail; only the
+    # script entry point cleans it, since it would also remove live datasets' memory in-process.
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
     try:
         cfg = load_config(argv[0], argv[1:])
         trainer = run(cfg)
