@@ -16,6 +16,14 @@ from llmshearing.masks import StructureMasks
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.rope import RotaryEmbedding, apply_rotary
 
+#: Apply RoPE in the dtype of q/k. Under autocast q/k leave their projections in bf16 while cos/sin
+#: follow the fp32 residual stream, so without this the rotation promotes q and k to fp32 (five
+#: elementwise passes at twice the bytes, then a cast back to bf16 inside SDPA), as transformers
+#: does. With it the rotation runs in bf16 (a few bf16 roundings on q/k, well inside bf16 training
+#: tolerance). No effect when q/k are fp32 (CPU / fp32 runs stay bit-identical). Module-level so a
+#: benchmark can A/B it (`benchmarks/train_throughput.py --ab-rope`).
+ROPE_IN_QK_DTYPE: bool = True
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -61,11 +69,33 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if ROPE_IN_QK_DTYPE and cos.dtype != q.dtype:
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rotary(q, k, cos, sin)
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        ctx = _causal_sdpa(q, k, v, self.n_heads // self.n_kv_heads)
         if head_z is not None:
             ctx = ctx * head_z.to(ctx.dtype).view(1, -1, 1, 1)
         return self.o_proj(ctx.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int) -> torch.Tensor:
+    """Causal SDPA; `group` query heads share one K/V head (1 = MHA).
+
+    On CUDA, `enable_gqa=True` is served by the flash kernel only for fp16/bf16 inputs with
+    head_dim <= 256; otherwise (e.g. fp32 without autocast) torch 2.7 falls back to the *math*
+    backend (its memory-efficient kernel rejects GQA), which materialises the [B, H, S, S] scores.
+    There we expand K/V to all query heads (query head h uses K/V head h // group, as enable_gqa
+    and HF's repeat_kv do) so the memory-efficient kernel can take it. CPU keeps enable_gqa
+    (unchanged numerics).
+    """
+    if group > 1 and q.is_cuda:
+        low = (torch.float16, torch.bfloat16)
+        flash_dtype = q.dtype in low or (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in low)
+        if not flash_dtype or q.shape[-1] > 256:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
 
 
 class MLP(nn.Module):
