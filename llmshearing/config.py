@@ -44,6 +44,7 @@ class PruningSection:
     modules: list[str] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
     lagrangian_warmup: str = "640ba"
     lag_lr: float = 1.0
+    lag_betas: Optional[list[float]] = None  # Adam betas of masks + multipliers (None: optimizer.betas)
     eval_target_model: bool = False
 
 
@@ -291,6 +292,8 @@ def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:
     pr = cfg.pruning
     if pr.lag_lr <= 0:
         raise ConfigError("config key 'pruning.lag_lr': must be > 0 (the multipliers use -lag_lr for ascent)")
+    if pr.lag_betas is not None and (len(pr.lag_betas) != 2 or not all(0 <= b < 1 for b in pr.lag_betas)):
+        raise ConfigError(f"config key 'pruning.lag_betas': two numbers in [0, 1), got {pr.lag_betas}")
     w = time_in_batches(pr.lagrangian_warmup, "pruning.lagrangian_warmup", max_ba)
     if w > max_ba:
         raise ConfigError(f"config key 'pruning.lagrangian_warmup': {w} batches is longer than max_duration ({max_ba})")

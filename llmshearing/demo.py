@@ -45,9 +45,11 @@ class DemoPlan:
     eval_seqs_per_domain: int
 
 
-FULL = DemoPlan(chars_per_domain=900_000, vocab_size=1024, source_steps=240, prune_steps=100, cpt_steps=160,
-                eval_seqs_per_domain=48)
-QUICK = DemoPlan(chars_per_domain=150_000, vocab_size=1024, source_steps=40, prune_steps=24, cpt_steps=24,
+# The source gets far more training than the pruning + continued pre-training budget, as a real
+# pretrained source has (that is what shearing reuses).
+FULL = DemoPlan(chars_per_domain=1_500_000, vocab_size=1024, source_steps=1000, prune_steps=200, cpt_steps=200,
+                eval_seqs_per_domain=64)
+QUICK = DemoPlan(chars_per_domain=200_000, vocab_size=1024, source_steps=60, prune_steps=40, cpt_steps=20,
                  eval_seqs_per_domain=16)
 
 
@@ -285,7 +287,8 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
     losses["pruned"] = evaluate(pruned, data_root, seq_len)
 
     step(f"7/8 continued pre-training of the cut model ({plan.cpt_steps} steps) and the from-scratch baseline")
-    weights = [f"{float(w):.6f}" for w in final_weights]
+    total = sum(float(w) for w in final_weights)
+    weights = [repr(float(w) / total) for w in final_weights]  # full precision: the config checks sum == 1
     tr, ccfg = _train("cpt.yaml", common + [
         f"model.path={pruned_dir}", "run_name=cpt", f"save_folder={out}/runs/cpt", f"max_duration={plan.cpt_steps}ba",
         f"save_interval={plan.cpt_steps}ba", f"eval_interval={plan.cpt_steps}ba",

@@ -73,7 +73,8 @@ def build_optimizer(cfg: TrainConfig, composer_model) -> torch.optim.Optimizer:
     if cfg.pruning is not None:
         from llmshearing.pruning.l0 import pruning_param_groups
 
-        groups = pruning_param_groups(composer_model, lr=o.lr, lag_lr=cfg.pruning.lag_lr, weight_decay=o.weight_decay)
+        groups = pruning_param_groups(composer_model, lr=o.lr, lag_lr=cfg.pruning.lag_lr, weight_decay=o.weight_decay,
+                                      lag_betas=cfg.pruning.lag_betas)
     else:
         groups = [{"params": [p for p in composer_model.parameters() if p.requires_grad]}]
     return DecoupledAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)

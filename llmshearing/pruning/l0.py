@@ -367,7 +367,7 @@ def unwrap_l0(module: nn.Module) -> "L0Module":
 
 
 def pruning_param_groups(composer_model: nn.Module, lr: float, lag_lr: float,
-                         weight_decay: float = 0.0) -> list[dict[str, Any]]:
+                         weight_decay: float = 0.0, lag_betas: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """Three param groups for ONE optimizer: model (lr, weight_decay), mask logits (lag_lr, wd 0),
     Lagrange multipliers (lr = -lag_lr, wd 0).
 
@@ -384,10 +384,11 @@ def pruning_param_groups(composer_model: nn.Module, lr: float, lag_lr: float,
     log_alphas, lambdas = l0.log_alpha_params(), l0.lambda_params()
     l0_ids = {id(p) for p in l0.parameters()}
     model_params = [p for p in composer_model.parameters() if id(p) not in l0_ids and p.requires_grad]
+    extra = {} if lag_betas is None else {"betas": tuple(lag_betas)}
     return [
         {"params": model_params, "lr": lr, "weight_decay": weight_decay},
-        {"params": log_alphas, "lr": lag_lr, "weight_decay": 0.0},
-        {"params": lambdas, "lr": -lag_lr, "weight_decay": 0.0},
+        {"params": log_alphas, "lr": lag_lr, "weight_decay": 0.0, **extra},
+        {"params": lambdas, "lr": -lag_lr, "weight_decay": 0.0, **extra},
     ]
 
 
