@@ -95,6 +95,7 @@ class FSDPSection:
 
 @dataclass
 class LoggersSection:
+    console: bool = True
     console_interval: str = "10ba"
     file: bool = True
     wandb: Optional[dict[str, Any]] = None  # e.g. {project: llmshearing, entity: null, tags: []}
@@ -284,6 +285,12 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
             if int(man.get("seq_len", d.seq_len)) != d.seq_len:
                 raise ConfigError(f"config key 'data.seq_len': {d.seq_len} but the data in {root} was prepared with "
                                   f"seq_len {man['seq_len']} ({mf})")
+            splits = man.get("splits", {})
+            for split in (d.train_split, d.eval_split):
+                empty = [dom for dom in d.domains if splits.get(split, {}).get(dom, {}).get("sequences", 1) == 0]
+                if empty:
+                    raise ConfigError(f"config key 'data.domains': split '{split}' has no sequences for {empty} "
+                                      f"in {root} ({mf}); prepare more data or raise --eval-fraction")
 
 
 def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:

@@ -100,6 +100,21 @@ def prose_docs() -> Iterator[str]:
 SOURCES = {"code": code_docs, "legal": legal_docs, "prose": prose_docs}
 
 
+def _pieces(text: str, size: int = 4000) -> Iterator[str]:
+    """Split a long text at line boundaries into documents of about `size` characters, so that every
+    domain has enough documents for a document-level train/eval split."""
+    buf: list[str] = []
+    n = 0
+    for line in text.splitlines(keepends=True):
+        buf.append(line)
+        n += len(line)
+        if n >= size:
+            yield "".join(buf)
+            buf, n = [], 0
+    if buf:
+        yield "".join(buf)
+
+
 def build_corpus(raw_dir: Path, chars_per_domain: int) -> dict[str, dict[str, int]]:
     """Write raw/<domain>/docs.jsonl, capped at `chars_per_domain` characters per domain."""
     stats = {}
@@ -108,10 +123,10 @@ def build_corpus(raw_dir: Path, chars_per_domain: int) -> dict[str, dict[str, in
         out.mkdir(parents=True, exist_ok=True)
         n, chars = 0, 0
         with open(out / "docs.jsonl", "w", encoding="utf-8") as f:
-            for doc in _dedup(SOURCES[dom]()):
-                doc = doc[: max(2000, chars_per_domain // 20)]  # no single document dominates a domain
-                f.write(json.dumps({"text": doc}) + "\n")
-                n, chars = n + 1, chars + len(doc)
+            for text in _dedup(SOURCES[dom]()):
+                for doc in list(_pieces(text))[:8]:  # no single source text dominates a domain
+                    f.write(json.dumps({"text": doc}) + "\n")
+                    n, chars = n + 1, chars + len(doc)
                 if chars >= chars_per_domain:
                     break
         if n < 10:
@@ -248,7 +263,8 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
     prepare({d: str(out / "raw" / d) for d in DOMAINS}, str(tok_dir), str(data_root), seq_len, eval_fraction=0.1,
             eval_sequences=plan.eval_seqs_per_domain, seed=0, workers=1, progress=False)
 
-    common = [f"data.root={data_root}", "loggers.console_interval=1000ba", "autoresume=false"]
+    # Composer's console logs off (each run's metrics are in runs/<stage>/logs-rank0.txt)
+    common = [f"data.root={data_root}", "loggers.console=false", "autoresume=false"]
     src_shape = load_config(_yaml("prune.yaml"), ["data.root=x"]).model.init.shape
 
     step(f"4/8 training the source model ({plan.source_steps} steps)")

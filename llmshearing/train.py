@@ -205,9 +205,9 @@ def build_trainer(cfg: TrainConfig, world_size: int | None = None, rank: int | N
         autoresume=cfg.autoresume,
         seed=cfg.seed,
         progress_bar=False,
-        log_to_console=True,
+        log_to_console=cfg.loggers.console,
         console_log_interval=cfg.loggers.console_interval,
-        python_log_level="info",
+        python_log_level="info" if cfg.loggers.console else "warning",
     )
 
 

@@ -249,3 +249,12 @@ def test_composer_checkpoint_resumes_same_batches_and_weights(tmp_path):
     assert s2.proportion_history[:2] == hist_full[:2]  # restored from the checkpoint exactly
     assert s2.proportion_history == hist_full, (s2.proportion_history, hist_full)  # same later updates
     _close(t2)
+
+
+def test_constant_update_needs_no_reference_losses():
+    """update='constant' (the GQA example yaml) runs without target losses; doremi refuses to."""
+    from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
+
+    DynamicLoadingCallback(["a", "b"], None, update="constant")
+    with pytest.raises(ValueError, match="target_losses: required"):
+        DynamicLoadingCallback(["a", "b"], None, update="doremi")

@@ -24,7 +24,7 @@ import numpy as np
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from llmshearing.data.dynamic import DynamicBatchSampler, find_dynamic_sampler
+from llmshearing.data.dynamic import DynamicBatchSampler, find_dynamic_sampler, per_domain
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,14 @@ class DynamicLoadingCallback(Callback):
 
     Args:
         domains: domain names, in the loader's order; each must be an Evaluator label.
-        target_losses: reference loss per domain (sequence in `domains` order, or {domain: loss}).
+        target_losses: reference loss per domain (sequence in `domains` order, or {domain: loss});
+            may be None with update='constant' (the logged gaps are then the losses themselves).
         update: 'doremi' (exponentiated gradient) or 'constant' (log losses, keep weights).
         eta: step size (> 0). smoothing: c in [0, 1). clip_negative: use max(gap, 0) (paper).
         metric_name: eval metric read per domain.
     """
 
-    def __init__(self, domains: Sequence[str], target_losses: Sequence[float] | Mapping[str, float],
+    def __init__(self, domains: Sequence[str], target_losses: Sequence[float] | Mapping[str, float] | None,
                  update: str = "doremi", eta: float = 1.0, smoothing: float = 1e-4, clip_negative: bool = True,
                  metric_name: str = "LanguageCrossEntropy") -> None:
         domains = [str(d) for d in domains]
@@ -77,16 +78,12 @@ class DynamicLoadingCallback(Callback):
         dup = sorted({d for d in domains if domains.count(d) > 1})
         if dup:
             raise ValueError(f"domains: names must be unique, repeated: {dup}")
-        if isinstance(target_losses, Mapping):
-            missing = [d for d in domains if d not in target_losses]
-            extra = sorted(set(target_losses) - set(domains))
-            if missing or extra:
-                raise ValueError(f"target_losses: missing domains {missing}, unknown domains {extra}")
-            targets = [target_losses[d] for d in domains]
-        else:
-            targets = list(target_losses)
-            if len(targets) != len(domains):
-                raise ValueError(f"target_losses: got {len(targets)} values for {len(domains)} domains {domains}")
+        if target_losses is None:
+            # 'constant' only logs the per-domain losses; it needs no reference.
+            if update != "constant":
+                raise ValueError(f"target_losses: required for update={update!r} (one reference loss per domain)")
+            target_losses = [0.0] * len(domains)
+        targets = per_domain(target_losses, domains, "target_losses")
         try:
             targets = [float(t) for t in targets]
         except (TypeError, ValueError):

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from llmshearing.convert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_model_dir, load_model_config
+from llmshearing.data.tokenizer import HF_TOKENIZER_FILES
 from llmshearing.models.config import ARCHITECTURES, ModelConfig
 from llmshearing.shape import ModelShape, ShapeError
 
@@ -47,20 +48,9 @@ HF_WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-#: Files copied from `tokenizer_dir` on export (whichever exist). generation_config.json is not a
-#: tokenizer file but lives next to it in every HF repo and carries the generation token ids.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+#: Files copied from `tokenizer_dir` on export (whichever exist): the tokenizer's own files plus
+#: generation_config.json, which lives next to them in every HF repo and carries the generation ids.
+TOKENIZER_FILES = HF_TOKENIZER_FILES + ("generation_config.json",)
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -44,18 +44,24 @@ class DomainExhaustedError(RuntimeError):
     """A domain ran out of samples with on_exhausted='stop'."""
 
 
+def per_domain(values: Sequence[Any] | Mapping[str, Any] | np.ndarray, domains: Sequence[str], key: str) -> list[Any]:
+    """One value per domain, in domain order, from a list or a {domain: value} mapping; errors name `key`."""
+    if isinstance(values, Mapping):
+        missing = [d for d in domains if d not in values]
+        extra = sorted(set(values) - set(domains))
+        if missing or extra:
+            raise ValueError(f"{key}: missing domains {missing}, unknown domains {extra}")
+        return [values[d] for d in domains]
+    out = list(np.asarray(values).reshape(-1)) if isinstance(values, np.ndarray) else list(values)
+    if len(out) != len(domains):
+        raise ValueError(f"{key}: got {len(out)} values for {len(domains)} domains {list(domains)}")
+    return out
+
+
 def validate_proportions(proportions: Sequence[float] | Mapping[str, float] | np.ndarray,
                          domains: Sequence[str], tol: float = 1e-6) -> np.ndarray:
     """One non-negative weight per domain summing to 1 (within `tol`); returned renormalised in float64."""
-    if isinstance(proportions, Mapping):
-        missing = [d for d in domains if d not in proportions]
-        extra = sorted(set(proportions) - set(domains))
-        if missing or extra:
-            raise ValueError(f"proportions: missing domains {missing}, unknown domains {extra}")
-        proportions = [proportions[d] for d in domains]
-    p = np.asarray(proportions, dtype=np.float64).reshape(-1)
-    if p.shape[0] != len(domains):
-        raise ValueError(f"proportions: got {p.shape[0]} values for {len(domains)} domains {list(domains)}")
+    p = np.asarray(per_domain(proportions, domains, "proportions"), dtype=np.float64)
     if not np.all(np.isfinite(p)) or np.any(p < 0):
         raise ValueError(f"proportions must be finite and >= 0, got {p.tolist()}")
     s = float(p.sum())

@@ -28,6 +28,8 @@ HF_TOKENIZER_FILES = (
     "vocab.txt",
     "merges.txt",
     "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
