@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from composer.loggers import WandBLogger
 
 from llmshearing.config import (
     ConfigError,
@@ -129,7 +130,7 @@ def build_callbacks(cfg: TrainConfig, composer_model) -> list:
 
 
 def build_loggers(cfg: TrainConfig) -> list:
-    from composer.loggers import FileLogger, WandBLogger
+    from composer.loggers import FileLogger
 
     loggers: list = []
     if cfg.loggers.file:
@@ -138,9 +139,20 @@ def build_loggers(cfg: TrainConfig) -> list:
         w = dict(cfg.loggers.wandb)
         init_kwargs = dict(w.pop("init_kwargs", {}) or {})
         init_kwargs.setdefault("dir", cfg.save_folder)
-        loggers.append(WandBLogger(project=w.pop("project", "llmshearing"), name=cfg.run_name,
-                                   init_kwargs=init_kwargs, **w))
+        loggers.append(MetricsOnlyWandB(project=w.pop("project", "llmshearing"), name=cfg.run_name,
+                                         init_kwargs=init_kwargs, **w))
     return loggers
+
+
+class MetricsOnlyWandB(WandBLogger):
+    """W&B for metrics only. Checkpoints live in `save_folder`; without this, autoresume asks every
+    logger for the latest checkpoint and Composer's W&B logger raises in offline runs (no entity)."""
+
+    def can_upload_files(self) -> bool:
+        return False
+
+    def download_file(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("checkpoints are not stored in W&B")
 
 
 def build_trainer(cfg: TrainConfig, world_size: int | None = None, rank: int | None = None, extra_callbacks=(),

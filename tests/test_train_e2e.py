@@ -116,3 +116,13 @@ def test_bad_config_fails_before_training(override, message, data_root):
     assert p.returncode == 2, p.stderr[-2000:]
     assert message in p.stderr and "config error" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_wandb_logger_works_offline(data_root, tmp_path, monkeypatch):
+    """`loggers.wandb` with WANDB_MODE=offline: the run trains, autoresume does not look for checkpoints in W&B,
+    and the offline run directory is written under save_folder."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    w = _run(PRUNE, [f"data.root={data_root}", "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba",
+                     f"save_folder={tmp_path}/run", "loggers.wandb={project: llmshearing-test}"])
+    assert w is not None
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
