@@ -158,6 +158,15 @@ class _Task:
     end: int = -1
 
 
+def _json_line_text(raw: bytes, text_field: str, where: str) -> str:
+    """The text of one jsonl line; `where` (file and line/byte) goes into the error."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e})") from None
+    return _doc_text(obj, text_field, where)
+
+
 def _doc_text(obj: Any, text_field: str, where: str) -> str:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object per line, got {type(obj).__name__}")
@@ -182,11 +191,7 @@ def iter_documents(task: _Task, text_field: str) -> Iterator[tuple[int, str]]:
         with gzip.open(path, "rb") as f:
             for lineno, raw in enumerate(f):
                 if raw.strip():
-                    try:
-                        obj = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path} line {lineno + 1}: invalid JSON ({e})") from None
-                    yield lineno, _doc_text(obj, text_field, f"{path} line {lineno + 1}")
+                    yield lineno, _json_line_text(raw, text_field, f"{path} line {lineno + 1}")
         return
     with open(path, "rb") as f:
         pos = task.start
@@ -202,11 +207,7 @@ def iter_documents(task: _Task, text_field: str) -> Iterator[tuple[int, str]]:
             if not raw:
                 break
             if raw.strip():
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} byte {pos}: invalid JSON ({e})") from None
-                yield pos, _doc_text(obj, text_field, f"{path} byte {pos}")
+                yield pos, _json_line_text(raw, text_field, f"{path} byte {pos}")
             pos += len(raw)
 
 
