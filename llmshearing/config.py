@@ -7,13 +7,12 @@ batch sizes divide) run before any model is built, so a bad config fails in seco
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -248,12 +247,12 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
         raise ConfigError("config key 'data.domains': list at least one domain")
     if len(set(d.domains)) != len(d.domains):
         raise ConfigError(f"config key 'data.domains': duplicate domain names in {d.domains}")
-    if len(d.proportions) != len(d.domains):
-        raise ConfigError(f"config key 'data.proportions': {len(d.proportions)} values for {len(d.domains)} domains "
-                          f"{d.domains}")
-    if any(p < 0 for p in d.proportions) or not math.isclose(sum(d.proportions), 1.0, abs_tol=1e-6):
-        raise ConfigError(f"config key 'data.proportions': must be >= 0 and sum to 1, got {d.proportions} "
-                          f"(sum {sum(d.proportions):.6f})")
+    from llmshearing.data.dynamic import validate_proportions
+
+    try:
+        validate_proportions(list(d.proportions), list(d.domains))
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.proportions': {e}") from e
     if d.seq_len < 2:
         raise ConfigError("config key 'data.seq_len': must be >= 2")
     if d.on_exhausted not in ("stop", "repeat"):
@@ -277,24 +276,19 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
                 have = sorted(p.name for p in (root / split).iterdir()) if (root / split).is_dir() else []
                 raise ConfigError(f"config key 'data.domains': no folder {root / split}/<domain> for {missing}; "
                                   f"found domains {have}")
-        mf = root / "manifest.json"
-        if mf.is_file():
-            import json
+        from llmshearing.data.prep import check_manifest, load_manifest
 
-            man = json.loads(mf.read_text())
-            if int(man.get("seq_len", d.seq_len)) != d.seq_len:
-                raise ConfigError(f"config key 'data.seq_len': {d.seq_len} but the data in {root} was prepared with "
-                                  f"seq_len {man['seq_len']} ({mf})")
-            splits = man.get("splits", {})
+        if load_manifest(root) is not None:
             for split in (d.train_split, d.eval_split):
-                empty = [dom for dom in d.domains if splits.get(split, {}).get(dom, {}).get("sequences", 1) == 0]
-                if empty:
-                    raise ConfigError(f"config key 'data.domains': split '{split}' has no sequences for {empty} "
-                                      f"in {root} ({mf}); prepare more data or raise --eval-fraction")
+                try:
+                    check_manifest(root, seq_len=d.seq_len, domains=list(d.domains), split=split)
+                except ValueError as e:
+                    key = "data.seq_len" if "seq_len" in str(e) else "data.domains"
+                    raise ConfigError(f"config key '{key}': {e}") from e
 
 
 def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:
-    from llmshearing.shape import ModelShape, ShapeError
+    from llmshearing.shape import ShapeError
 
     pr = cfg.pruning
     if pr.lag_lr <= 0:

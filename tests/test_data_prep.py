@@ -279,3 +279,20 @@ def test_cli_prepare_data(corpus, tmp_path, capsys):
     assert m["domains"] == ["github", "cc"] and m["splits"]["train"]["cc"]["sequences"] == 10
     assert format_summary(m).splitlines()[0].split() == ["domain", "split", "documents", "tokens", "sequences",
                                                         "dropped"]
+
+
+def test_manifest_refuses_an_empty_split(tmp_path):
+    """A domain whose split holds no sequences is refused up front (Streaming would fail deep in a loader)."""
+    import json as _json
+
+    from _tiny_data import make_tiny_data
+    from llmshearing.data.prep import check_manifest
+
+    root = make_tiny_data(tmp_path, docs_per_domain=40)
+    check_manifest(root, domains=["code"], split="eval")
+    mf = root / "manifest.json"
+    m = _json.loads(mf.read_text())
+    m["splits"]["eval"]["code"]["sequences"] = 0
+    mf.write_text(_json.dumps(m))
+    with pytest.raises(ValueError, match=r"split 'eval' .* no sequences for \['code'\]"):
+        check_manifest(root, domains=["code", "legal"], split="eval")

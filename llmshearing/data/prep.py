@@ -619,6 +619,11 @@ def check_manifest(
         if missing:
             where = f"split '{split}'" if split else "the data"
             raise ValueError(f"domain mismatch: {missing} not in {where} at {root} (has {sorted(avail)})")
+        if split:
+            empty = [d for d in domains if m["splits"][split][d].get("sequences", 1) == 0]
+            if empty:
+                raise ValueError(f"split '{split}' at {root} has no sequences for {empty}; "
+                                 "prepare more data or raise --eval-fraction")
     return m
 
 
