@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as md
 import json
-import logging
 import os
 import shutil
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -28,7 +26,6 @@ from typing import Any, Iterator
 
 import torch
 
-log = logging.getLogger("llmshearing.demo")
 
 DOMAINS = ("code", "legal", "prose")
 MARKER = ".llmshearing-demo"
@@ -256,23 +253,20 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
     tok_dir = Path(train_tokenizer(texts, vocab_size=plan.vocab_size, out_dir=out / "tokenizer"))
 
     step("3/8 tokenizing into MDS shards (train / eval per domain)")
-    from llmshearing.config import load_config
+    from llmshearing.config import build_model_config, load_config
 
-    seq_len = load_config(_yaml("prune.yaml"), ["data.root=x"]).data.seq_len
+    base = load_config(_yaml("prune.yaml"), ["data.root=x"])  # source shape and seq_len of the tiny yamls
+    seq_len = base.data.seq_len
     data_root = out / "data"
     prepare({d: str(out / "raw" / d) for d in DOMAINS}, str(tok_dir), str(data_root), seq_len, eval_fraction=0.1,
             eval_sequences=plan.eval_seqs_per_domain, seed=0, workers=1, progress=False)
 
     # Composer's console logs off (each run's metrics are in runs/<stage>/logs-rank0.txt)
     common = [f"data.root={data_root}", "loggers.console=false", "autoresume=false"]
-    src_shape = load_config(_yaml("prune.yaml"), ["data.root=x"]).model.init.shape
 
     step(f"4/8 training the source model ({plan.source_steps} steps)")
     init_dir = out / "models" / "source-init"
-    cfg_src = load_config(_yaml("prune.yaml"), ["data.root=x"])
-    from llmshearing.config import build_model_config
-
-    src_model = LlamaForCausalLM(build_model_config(cfg_src))
+    src_model = LlamaForCausalLM(build_model_config(base))
     save_model_dir(src_model.state_dict(), src_model.config, init_dir)
     tr, _ = _train("cpt.yaml", common + [f"model.path={init_dir}", "run_name=source", f"save_folder={out}/runs/source",
                                           f"max_duration={plan.source_steps}ba", f"save_interval={plan.source_steps}ba",
@@ -384,7 +378,7 @@ def format_table(r: dict[str, Any], shapes) -> str:
         "(scratch gets pruning + continued pre-training tokens).",
         f"continued vs scratch (same target shape, scratch with at least as many tokens): "
         f"{cont:.3f} vs {scr:.3f} -> {'shearing wins' if cont < scr else 'scratch wins'}",
-        f"final domain weights after pruning: " + ", ".join(f"{k}={v:.3f}" for k, v in r["final_domain_weights"].items()),
+        "final domain weights after pruning: " + ", ".join(f"{k}={v:.3f}" for k, v in r["final_domain_weights"].items()),
         f"Hugging Face model: {r['hf_dir']} (max |logit diff| vs ours: {r['hf_max_abs_logit_diff']:.2e})",
         f"plot: {r['plot']}",
         f"total time: {r['seconds']:.0f}s",
@@ -399,8 +393,3 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="fewer steps and less data (about a minute; for tests)")
     p.add_argument("--keep", action="store_true", help="reuse an existing demo folder instead of starting clean")
     p.set_defaults(func=lambda a: (run_demo(a.out, quick=a.quick, keep=a.keep), 0)[1])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(run_demo(sys.argv[1] if len(sys.argv) > 1 else "demo_out") and 0)
