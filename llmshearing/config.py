@@ -57,7 +57,9 @@ class DataSection:
     eval_split: str = "eval"
     num_workers: int = 8
     on_exhausted: str = "stop"  # or "repeat"
-    eval_batches_per_domain: Optional[int] = None  # None: the whole eval split
+    # rows of every domain's eval split used per evaluation (the first N, all ranks together, so the
+    # same rows whatever the world size); None: the whole split
+    eval_rows_per_domain: Optional[int] = None
 
 
 @dataclass
@@ -115,12 +117,14 @@ class TrainConfig:
     device_train_microbatch_size: int = 4
     device_eval_batch_size: int = 8
     eval_interval: str = "50ba"
+    eval_first: bool = False  # evaluate (and update the mixture) once before the first step, as the original
     save_folder: str = "runs/{run_name}"
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = 1
     autoresume: bool = True
     precision: str = "amp_bf16"
     device: str = "auto"  # auto | cpu | gpu
+    dist_timeout: float = 1800.0  # seconds a collective may wait (rank 0 loading a 7B source, slow saves)
     fsdp: Optional[FSDPSection] = field(default_factory=FSDPSection)
     grad_clip_norm: Optional[float] = 1.0
     loggers: LoggersSection = field(default_factory=LoggersSection)
@@ -259,6 +263,8 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
         raise ConfigError(f"config key 'data.on_exhausted': must be 'stop' or 'repeat', got {d.on_exhausted!r}")
     if d.num_workers < 0:
         raise ConfigError("config key 'data.num_workers': must be >= 0")
+    if d.eval_rows_per_domain is not None and d.eval_rows_per_domain < 1:
+        raise ConfigError("config key 'data.eval_rows_per_domain': must be >= 1 (or null for the whole eval split)")
     dl = cfg.dynamic_loading
     if dl is not None:
         if dl.update not in ("doremi", "constant"):

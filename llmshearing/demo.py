@@ -145,7 +145,7 @@ def _train(yaml_name: str, overrides: list[str], loggers=()):
     from llmshearing.train import build_trainer
 
     cfg = load_config(_yaml(yaml_name), overrides)
-    trainer = build_trainer(cfg, world_size=1, rank=0, extra_loggers=loggers)
+    trainer = build_trainer(cfg, extra_loggers=loggers)
     trainer.fit()
     return trainer, cfg
 

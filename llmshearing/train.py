@@ -7,13 +7,13 @@ be checked cheaply is checked (config.validate) before a model or a loader is bu
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from composer.loggers import WandBLogger
+from composer.utils import dist
 
 from llmshearing.config import (
     ConfigError,
@@ -29,8 +29,13 @@ from llmshearing.config import (
 log = logging.getLogger("llmshearing.train")
 
 
-def _world() -> tuple[int, int]:
-    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+def init_distributed(device: str, timeout: float) -> tuple[int, int]:
+    """Create the process group (gloo on CPU, nccl on GPU) before any dataset or model exists, so
+    that Streaming uses it instead of creating and destroying a temporary group of its own, and
+    the samplers see the real world size and rank. Returns (world_size, rank). Idempotent; with no
+    launcher environment it makes a 1-rank group, as the Trainer would."""
+    dist.initialize_dist(device, timeout)
+    return dist.get_world_size(), dist.get_global_rank()
 
 
 def _device(cfg: TrainConfig) -> str:
@@ -41,14 +46,27 @@ def _device(cfg: TrainConfig) -> str:
     return cfg.device
 
 
-def build_model(cfg: TrainConfig):
-    """ComposerLlama with source weights (model.path) or random init, plus the L0 module when pruning."""
+def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: bool = False):
+    """ComposerLlama with source weights (model.path) or random init, plus the L0 module when pruning.
+
+    Only rank 0 reads `model.path` (a 7B source is 27 GB of fp32 per copy, times 8 ranks per node).
+    The other ranks build the model without weights and receive rank 0's: under FSDP (`sharded`)
+    they stay on the meta device until FSDP materialises each unit and `sync_module_states`
+    broadcasts it; under DDP they get uninitialised storage, which DDP's construction-time
+    broadcast from rank 0 overwrites.
+    """
     from llmshearing.convert.checkpoint import load_model
     from llmshearing.models.composer_model import ComposerLlama
     from llmshearing.models.llama import LlamaForCausalLM
 
     if cfg.model.path is not None:
-        model = load_model(cfg.model.path, dtype=torch.float32)  # fp32 master weights (amp computes in bf16)
+        weights = rank == 0 or world_size == 1
+        # fp32 master weights (amp computes in bf16)
+        model = load_model(cfg.model.path, dtype=torch.float32, weights=weights)
+        if not weights and not sharded:
+            model.to_empty(device="cpu")
+            model.model.rotary_emb.reset_parameters()
+            model.tie_weights()
     else:
         model = LlamaForCausalLM(build_model_config(cfg))
     l0 = None
@@ -97,7 +115,8 @@ def build_dataloaders(cfg: TrainConfig, world_size: int, rank: int):
         Evaluator(
             label=dom,
             dataloader=build_eval_dataloader(root=d.root, domain=dom, batch_size=cfg.device_eval_batch_size,
-                                             seq_len=d.seq_len, rank=rank, world_size=world_size, split=d.eval_split),
+                                             seq_len=d.seq_len, rank=rank, world_size=world_size, split=d.eval_split,
+                                             max_samples=d.eval_rows_per_domain),
             metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
         )
         for dom in d.domains
@@ -117,7 +136,8 @@ def build_callbacks(cfg: TrainConfig, composer_model) -> list:
     if cfg.pruning is not None:
         from llmshearing.callbacks.pruning import PruningCallback
 
-        cbs.append(PruningCallback(save_folder=cfg.save_folder))
+        cbs.append(PruningCallback(save_folder=cfg.save_folder,
+                                   log_interval=time_in_batches(cfg.loggers.console_interval, "loggers.console_interval")))
     if cfg.dynamic_loading is not None:
         from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
 
@@ -155,37 +175,40 @@ class MetricsOnlyWandB(WandBLogger):
         raise NotImplementedError("checkpoints are not stored in W&B")
 
 
-def build_trainer(cfg: TrainConfig, world_size: int | None = None, rank: int | None = None, extra_callbacks=(),
-                  extra_loggers=()):
-    """Validate, then build every component and the Trainer (does not call fit)."""
+def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
+    """Validate, then build every component and the Trainer (does not call fit).
+
+    World size and rank come from the process group (created here first, from the launcher's
+    environment: `composer -n N train.py ...` or torchrun), never from arguments.
+    """
     from composer import Trainer
     from composer.algorithms import GradientClipping
     from composer.optim import CosineAnnealingWithWarmupScheduler
 
-    ws, rk = _world()
-    world_size = ws if world_size is None else world_size
-    rank = rk if rank is None else rank
-    validate(cfg, world_size=world_size)
     device = _device(cfg)
+    world_size, rank = init_distributed(device, cfg.dist_timeout)
+    validate(cfg, world_size=world_size)
     precision = cfg.precision
     if device == "cpu" and precision != "fp32":
         log.warning("precision %s is not used on CPU; running in fp32", precision)
         precision = "fp32"
+    sharded = cfg.fsdp is not None and device == "gpu"
 
     torch.manual_seed(cfg.seed)
-    composer_model = build_model(cfg)
+    composer_model = build_model(cfg, rank, world_size, sharded)
     optimizer = build_optimizer(cfg, composer_model)
     train_dl, evaluators = build_dataloaders(cfg, world_size, rank)
     max_ba = time_in_batches(cfg.max_duration, "max_duration")
     scheduler = CosineAnnealingWithWarmupScheduler(
         t_warmup=f"{time_in_batches(cfg.scheduler.warmup, 'scheduler.warmup', max_ba)}ba", alpha_f=cfg.scheduler.alpha_f)
     parallelism = None
-    if cfg.fsdp is not None and device == "gpu":
+    if sharded:
         f = cfg.fsdp
         parallelism = {"fsdp": {
             "sharding_strategy": f.sharding_strategy, "mixed_precision": f.mixed_precision,
             "activation_checkpointing": f.activation_checkpointing, "activation_checkpointing_reentrant": False,
             "state_dict_type": f.state_dict_type, "limit_all_gathers": f.limit_all_gathers, "use_orig_params": True,
+            "sync_module_states": world_size > 1,  # ranks > 0 start on meta (build_model)
         }}
     Path(cfg.save_folder).mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -199,7 +222,7 @@ def build_trainer(cfg: TrainConfig, world_size: int | None = None, rank: int | N
         train_dataloader=train_dl,
         eval_dataloader=evaluators,
         eval_interval=cfg.eval_interval,
-        eval_subset_num_batches=cfg.data.eval_batches_per_domain or -1,
+        eval_subset_num_batches=-1,  # the rows are chosen by data.eval_rows_per_domain (any world size)
         optimizers=optimizer,
         schedulers=scheduler,
         step_schedulers_every_batch=True,
@@ -216,6 +239,7 @@ def build_trainer(cfg: TrainConfig, world_size: int | None = None, rank: int | N
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         autoresume=cfg.autoresume,
         seed=cfg.seed,
+        dist_timeout=cfg.dist_timeout,
         progress_bar=False,
         log_to_console=cfg.loggers.console,
         console_log_interval=cfg.loggers.console_interval,
@@ -235,29 +259,35 @@ def final_eval_losses(trainer) -> dict[str, float]:
 
 def run(cfg: TrainConfig, **kw: Any):
     trainer = build_trainer(cfg, **kw)
+    if cfg.eval_first and int(trainer.state.timestamp.batch) == 0:  # not again after an autoresume
+        trainer.eval()
     trainer.fit()
     return trainer
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_callbacks=()) -> int:
+    """`composer -n N train.py CONFIG.yaml key=value ...`; `extra_callbacks` is for test drivers."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: composer train.py CONFIG.yaml [key=value ...]   (or: python train.py ...)")
         return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Shared memory left by a crashed run (Streaming) would make this one hang or fail; only the
-    # script entry point cleans it, since it would also remove live datasets' memory in-process.
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
     try:
         cfg = load_config(argv[0], argv[1:])
-        trainer = run(cfg)
+        init_distributed(_device(cfg), cfg.dist_timeout)
+        # Shared memory left by a crashed run (Streaming) would make this one hang or fail. Cleaned
+        # after the process group exists (local rank 0 cleans, the others wait at a barrier; without
+        # the group Streaming would make a temporary one of its own), and only here at the script
+        # entry point, since in a process with live datasets it would remove their memory too.
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+        trainer = run(cfg, extra_callbacks=extra_callbacks)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     losses = final_eval_losses(trainer)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if dist.get_global_rank() == 0:
         print("final eval loss per domain: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
         print(f"checkpoints: {cfg.save_folder}")
     trainer.close()

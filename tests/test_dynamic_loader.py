@@ -299,17 +299,21 @@ def test_validation_errors(root, tmp_path):
 
 # ----------------------------------------------------------------------------- eval loader
 def test_eval_loader_ranks_disjoint_and_deterministic(root):
+    """53 rows on 2 ranks: rank r reads rows r, r + 2, ...; rank 1 ends with a repeat of row 0 so both
+    run 27 rows (4 batches). Composer drops that repeat from the metrics (tests/test_multiprocess.py
+    checks the resulting losses against a 1-rank eval and a brute-force one)."""
     n = 53  # github eval rows
     parts = []
     for r in range(2):
         dl = _track(build_eval_dataloader(root, "github", batch_size=8, seq_len=SEQ, rank=r, world_size=2,
                                           domain_index=1))
         batches = list(dl)
-        assert len(batches) == len(dl) == 4  # 26 rows per rank, same batch count on every rank
+        assert len(batches) == len(dl) == 4  # 27 rows per rank, same batch count on every rank
         assert all(torch.all(b["domain"] == 1) for b in batches)
         parts.append([i for b in batches for _, i in _ident(b)])
         assert parts[-1] == [i for b in dl for _, i in _ident(b)]  # same order every time
-    assert parts[0] + parts[1] == list(range(2 * (n // 2)))
+    assert parts[0] == list(range(0, n, 2)) and parts[1] == list(range(1, n, 2)) + [0]
+    assert sorted(parts[0] + parts[1][:-1]) == list(range(n))  # every row once, plus the one repeat
 
 
 def test_remote_root_downloads_into_local_cache(root, tmp_path):

@@ -49,7 +49,7 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
 
 def _run(yaml: Path, overrides: list[str], stop_at: int | None = None):
     cfg = load_config(yaml, overrides)
-    trainer = build_trainer(cfg, world_size=1, rank=0, extra_callbacks=[StopAt(stop_at)] if stop_at else [])
+    trainer = build_trainer(cfg, extra_callbacks=[StopAt(stop_at)] if stop_at else [])
     try:
         trainer.fit()
     except Interrupt:

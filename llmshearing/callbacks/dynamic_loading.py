@@ -178,6 +178,13 @@ class DynamicLoadingCallback(Callback):
                                for d, l, g, a, b in zip(self.domains, losses, gaps, old, new)))
         logger.log_metrics(metrics)
 
+    # `Trainer.eval()` (run config `eval_first`) fires the standalone events instead of the *_all ones
+    def eval_standalone_start(self, state: State, logger: Logger) -> None:
+        self.eval_before_all(state, logger)
+
+    def eval_standalone_end(self, state: State, logger: Logger) -> None:
+        self.eval_after_all(state, logger)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         # The weights live in the sampler state (train dataset checkpoint); only bookkeeping here.

@@ -1,9 +1,12 @@
 """PruningCallback: glues the L0Module to the Composer Trainer.
 
-- BATCH_START: tell the L0 module the current step (completed batches) for the sparsity warm-up.
+- BATCH_START: tell the L0 module the current step (completed batches) for the sparsity warm-up, and
+  the global index of this rank's first microbatch (keys the mask noise, see `L0Module`).
 - AFTER_LOSS: add the Lagrangian (computed inside the model forward, where FSDP has gathered the L0
   parameters, and returned as `outputs['lagrangian']`) to the loss dict as 'lag_loss' and 'total'.
-- BATCH_END (after the optimizer step): clamp log_alpha into range, log `L0Module.stats()`.
+- BATCH_END (after the optimizer step): clamp log_alpha into range (in place, no host sync); on
+  logging steps only (every `log_interval` batches), log `L0Module.stats()`: those floats are host
+  syncs (and an all-gather under FSDP), which a GPU step should not wait for every batch.
 - EVAL_START: eval must use deterministic masks; the model is in eval mode, and the module's
   `eval_target_model` picks the "current expected" or the exact target model.
 - EVAL_AFTER_ALL (once per eval round, whatever the number of evaluators): rank 0 saves the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -80,7 +84,11 @@ class PruningCallback(Callback):
 
     # ---- training --------------------------------------------------------------------------
     def batch_start(self, state: State, logger: Logger) -> None:
-        find_l0(state.model)[1].set_step(state.timestamp.batch.value)
+        batch = state.batch
+        rows = int(batch["input_ids"].shape[0]) if isinstance(batch, dict) else 0
+        micro = state.device_train_microbatch_size
+        per_rank = math.ceil(rows / micro) if rows and isinstance(micro, int) and micro > 0 else 1
+        find_l0(state.model)[1].set_step(state.timestamp.batch.value, dist.get_global_rank() * per_rank)
 
     def after_loss(self, state: State, logger: Logger) -> None:
         outputs = state.outputs
@@ -123,6 +131,9 @@ class PruningCallback(Callback):
         torch.save({"step": step, "masks": target_masks, "eval_masks": eval_masks,
                     "eval_target_model": eval_target}, path)
         log.info("saved deterministic masks of step %d to %s", step, path)
+
+    def eval_standalone_end(self, state: State, logger: Logger) -> None:  # `Trainer.eval()`, e.g. eval_first
+        self.eval_after_all(state, logger)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # the step comes from the timestamp; masks and lambdas are model parameters

@@ -66,14 +66,19 @@ def load_model_dir(path: str | Path, dtype: torch.dtype | None = None) -> tuple[
     return cfg, sd
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None):
+def load_model(path: str | Path, dtype: torch.dtype | None = None, weights: bool = True):
     """Build an `LlamaForCausalLM` from a model directory, refusing missing/unexpected/misshaped keys.
 
     The model is built on the meta device and the loaded tensors are assigned, so a 7B model is
     neither randomly initialised first nor held twice. Parameters get `dtype` (default: the file's).
+    `weights=False` reads only the config and returns the model on the meta device (ranks that
+    receive the weights from rank 0).
     """
     from llmshearing.models.llama import LlamaForCausalLM
 
+    if not weights:
+        with torch.device("meta"):
+            return LlamaForCausalLM(load_model_config(path))
     cfg, sd = load_model_dir(path, dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,14 @@ def validate_proportions(proportions: Sequence[float] | Mapping[str, float] | np
     return p / s
 
 
-class DynamicBatchSampler(Sampler[list[int]]):
+class DynamicBatchSampler(DistributedSampler):
     """Yields this rank's global sample ids for each global batch; see the module docstring.
+
+    A `DistributedSampler` because it is one: every rank yields only its own slice of each global
+    batch. That is also what Composer's DataSpec checks (isinstance) before it accepts a loader in
+    a multi-rank run. Nothing of `DistributedSampler.__init__` applies (no dataset length, no
+    per-epoch shuffle), so only the attributes its users read are set; `set_epoch` is inherited
+    and unused (the loader is one infinite epoch).
 
     Args:
         domain_sizes: samples per domain (one Stream each).
@@ -114,6 +120,8 @@ class DynamicBatchSampler(Sampler[list[int]]):
         self.seed = int(seed)
         self.on_exhausted = on_exhausted
         self.snapshot_limit = int(snapshot_limit)
+        # the DistributedSampler attributes (see the class docstring)
+        self.dataset, self.num_replicas, self.epoch, self.shuffle, self.drop_last = None, self.world_size, 0, False, True
         self._history: list[tuple[int, np.ndarray]] = [(0, validate_proportions(proportions, self.domains))]
         self._reset_position(0, np.zeros(sizes.size, np.int64))
 
@@ -225,6 +233,11 @@ class DynamicBatchSampler(Sampler[list[int]]):
         while True:
             yield self._produce()
 
+    def __len__(self) -> int:
+        # DistributedSampler has a length; this sampler has none (infinite). TypeError is what
+        # `len()` of a length-less sampler raises, and what Composer and the DataLoader expect.
+        raise TypeError("DynamicBatchSampler is infinite: give the trainer max_duration in batches")
+
     def seek(self, batch: int) -> None:
         """Move the position to global batch `batch` (>= where this sampler started or resumed)."""
         consumed = self._consumed_before(int(batch))
@@ -323,7 +336,7 @@ class MixtureDataset(Dataset):
     """
 
     def __init__(self, streaming_dataset: Any, domains: Sequence[str], seq_len: int,
-                 domain_index: Sequence[int] | None = None) -> None:
+                 domain_index: Sequence[int] | None = None, max_samples: int | None = None) -> None:
         self.sds = streaming_dataset
         self.domains = list(domains)
         self.seq_len = int(seq_len)
@@ -331,9 +344,12 @@ class MixtureDataset(Dataset):
         self.sizes = np.asarray(streaming_dataset.samples_per_stream, np.int64)
         self.domain_index = list(domain_index) if domain_index is not None else list(range(len(self.domains)))
         self.sampler: DynamicBatchSampler | None = None
+        total = int(self.sizes.sum())
+        self.num_rows = total if max_samples is None else min(total, int(max_samples))
 
     def __len__(self) -> int:
-        return int(self.sizes.sum())
+        """Rows visible through this view: all of them, or the first `max_samples` (eval)."""
+        return self.num_rows
 
     def __getitem__(self, gid: int) -> dict[str, Any]:
         gid = int(gid)
@@ -342,7 +358,8 @@ class MixtureDataset(Dataset):
         if tokens.shape != (self.seq_len,):
             raise ValueError(f"domain '{self.domains[stream]}': sample {gid} has shape {tokens.shape}, "
                              f"expected ({self.seq_len},): data prepared with another seq_len?")
-        return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "domain": self.domain_index[stream]}
+        return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "domain": self.domain_index[stream],
+                "idx": gid}
 
     def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict[str, Any] | None:
         if self.sampler is None:
@@ -422,19 +439,6 @@ def release_shared_memory(streaming_dataset: Any) -> int:
             except OSError:
                 pass
     return len(found)
-
-
-class _RangeSampler(Sampler[int]):
-    """Fixed contiguous range of sample ids, in order (deterministic evaluation)."""
-
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = int(start), int(stop)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
 
 def _domain_dirs(root: str, split: str, domains: Sequence[str],
@@ -552,10 +556,14 @@ def build_eval_dataloader(
     vocab_size: int | None = None,
     local_cache: str | os.PathLike | None = None,
 ) -> DataLoader:
-    """One domain's eval rows in order; rank r reads its own contiguous, equally long part.
+    """One domain's first `max_samples` eval rows (default all), sharded over the ranks.
 
-    Every rank gets floor(N / world_size) rows (the remainder is skipped) so all ranks run the same
-    number of eval batches (FSDP forwards are collective). `domain` in the batches is `domain_index`.
+    The rows are dealt out by torch's `DistributedSampler` (rank r reads rows r, r + W, ...;
+    no shuffle). When the row count does not divide by the world size, the sampler repeats rows
+    so that every rank runs the same number of forwards (FSDP forwards are collective), and
+    Composer's evaluation loop drops exactly those repeats from the metrics (it does so for a
+    `DistributedSampler` with `drop_last=False` over a dataset of known length). So every row is
+    evaluated once, whatever the world size. `domain` in the batches is `domain_index`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -565,17 +573,13 @@ def build_eval_dataloader(
     dirs = _domain_dirs(root, split, [domain], None if local_cache is None else str(local_cache))
     _check_data(root, split, [domain], seq_len, vocab_size)
     sds = _streaming_dataset(dirs, batch_size)
-    ds = MixtureDataset(sds, [domain], seq_len, domain_index=[domain_index])
-    n = len(ds) if max_samples is None else min(len(ds), int(max_samples))
-    per_rank = n // world_size
-    if per_rank == 0:
-        raise ValueError(f"eval data of domain '{domain}' has {n} rows, fewer than world_size={world_size}")
-    if n % world_size:
-        log.info("eval %s: skipping %d of %d rows so every rank gets %d", domain, n % world_size, n, per_rank)
+    ds = MixtureDataset(sds, [domain], seq_len, domain_index=[domain_index], max_samples=max_samples)
+    if len(ds) < 1:
+        raise ValueError(f"eval data of domain '{domain}' has no rows")
     ds[0]  # shape check in the main process
+    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
     # batch_size= (not batch_sampler=) so Composer can read the eval microbatch size from the loader
-    return DataLoader(ds, batch_size=batch_size, sampler=_RangeSampler(rank * per_rank, (rank + 1) * per_rank),
-                      drop_last=False, num_workers=num_workers)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=num_workers)
 
 
 def find_dynamic_sampler(obj: Any) -> DynamicBatchSampler | None:

@@ -200,6 +200,16 @@ class LlamaForCausalLM(nn.Module):
             masks = None
         return self.lm_head(self.model(input_ids, masks))
 
+    @torch.no_grad()
+    def param_init_fn(self, module: nn.Module) -> None:
+        """Fill one module's own tensors after FSDP has materialised it from the meta device (ranks > 0
+        of a sharded run, see `train.build_model`); the values are then replaced by rank 0's through
+        `sync_module_states`, except the rotary buffer, which is recomputed here."""
+        if isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
     # Composer/FSDP hooks: wrap and checkpoint one decoder layer at a time.
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
         return isinstance(module, DecoderLayer)

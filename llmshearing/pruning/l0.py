@@ -27,11 +27,15 @@ lambda_1 * (s - t) + lambda_2 * (s - t)^2 with s = 1 - mean(P(z != 0)) over all 
 are identical, the quadratic one differs only by the variance of per-row sparsity, which the
 deterministic per-row top-k makes irrelevant for the final shape.
 
-Sampling noise: the uniform noise of the training samples comes from a private generator seeded
-with hash(seed, rank, step, forward-count-within-step), not from the global RNG. A sample is then a
-pure function of the training position, so a resumed run draws exactly the masks the uninterrupted
-run drew (Composer does not restore the global RNG on a mid-epoch resume with a resumable dataset),
-every microbatch draws fresh noise, and every rank its own (as with the reference's seed + rank).
+Sampling noise: every microbatch draws its own mask sample, from a private generator seeded with
+hash(seed, step, microbatch index), not from the global RNG. The index counts the microbatches of
+the whole global batch: rank r's j-th microbatch of the step is r * (microbatches per rank) + j
+(the callback passes r * microbatches-per-rank to `set_step`). So ranks draw independent noise
+(more samples per step, less variance in the mask gradients, as the reference's seed + rank), a
+resumed run draws exactly the masks the uninterrupted run drew (Composer does not restore the
+global RNG on a mid-epoch resume with a resumable dataset), and a run's samples depend on how the
+global batch is cut into microbatches, not on how those are spread over ranks: 2 ranks x 1
+microbatch and 1 rank x 2 microbatches draw the same masks for the same rows.
 `seed=None` uses base seed 0 for the noise (and the global RNG for the init); pass the run's seed.
 
 log_alpha range: clamped in place to [log 1e-2, log 1e2] after every optimizer step (`clamp_()`,
@@ -136,6 +140,7 @@ class L0Module(nn.Module):
         self.reset_parameters()
         self._step = 0  # completed training batches; set by the callback (not state: derived from the timestamp)
         self._forwards_in_step = 0  # training forwards (microbatches) since the last set_step
+        self._first_microbatch = 0  # global index of this rank's first microbatch in the step
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # ---- construction from / to the checkpoint's `pruning` dict -----------------------------
@@ -193,21 +198,19 @@ class L0Module(nn.Module):
         for p in self.log_alpha_params():
             p.clamp_(hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX)
 
-    def set_step(self, step: int) -> None:
-        """Current training step (completed batches), which drives the sparsity warm-up and keys the
-        sampling noise."""
+    def set_step(self, step: int, first_microbatch: int = 0) -> None:
+        """Current training step (completed batches), which drives the sparsity warm-up, and the
+        global index of this rank's first microbatch in it; both key the sampling noise."""
         self._step = int(step)
         self._forwards_in_step = 0
+        self._first_microbatch = int(first_microbatch)
 
     def _noise_generator(self, device: torch.device) -> torch.Generator:
-        """A generator seeded from (seed, rank, step, forward count): host-side only, no sync."""
+        """A generator seeded from (seed, step, global microbatch index): host-side only, no sync."""
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        rank = 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank = torch.distributed.get_rank()
-        key = (0 if self.seed is None else int(self.seed), rank, self._step, self._forwards_in_step)
+        key = (0 if self.seed is None else int(self.seed), self._step, self._first_microbatch + self._forwards_in_step)
         gen.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)  # int-tuple hashes are process-independent
         self._forwards_in_step += 1
         return gen

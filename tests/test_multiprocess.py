@@ -1,0 +1,229 @@
+"""Real multi-process training: 2 ranks on CPU (gloo) through the `composer` launcher.
+
+Every run below is `composer -n N tests/_mp_driver.py OUT yamls/tiny/<stage>.yaml ...`, i.e.
+train.py's `main` with a recorder callback (tests/_mp_driver.py); nothing passes a world size by
+hand. The runs are made once per module and shared by the tests:
+
+    prune2   2 ranks x micro-batch 8, workers 2       cpt2   2 ranks x micro-batch 8, workers 2
+    prune1   1 rank  x micro-batch 8 (2 per step)     cpt1   1 rank  x micro-batch 16
+    killed   prune2 with rank 1 SIGKILLed at the start of batch 6 (checkpoint at 4), then the same
+             command again (autoresume)
+
+all with the same seed, global batch 16, 8 batches, an evaluation before the first step
+(`eval_first`) and every 4 batches over 7 rows per domain (odd: the rows do not divide by 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmshearing.config import build_model_config, load_config
+from llmshearing.convert.checkpoint import load_model, save_model_dir
+from llmshearing.models.llama import LlamaForCausalLM
+
+from _tiny_data import DOMAINS, make_tiny_data
+
+REPO = Path(__file__).resolve().parents[1]
+PRUNE = REPO / "yamls/tiny/prune.yaml"
+CPT = REPO / "yamls/tiny/cpt.yaml"
+COMPOSER = Path(sys.executable).parent / "composer"
+EVAL_ROWS = 7
+HANG_GUARD_S = 600  # a hang guard: a normal 2-rank run takes ~20-40 s on 2 busy cores
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _random_model_dir(cfg, out: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(cfg)
+    return save_model_dir(m.state_dict(), m.config, out)
+
+
+class Runs:
+    """Launches the runs lazily (each once) and keeps their outputs."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.data = make_tiny_data(tmp / "tiny")
+        prune_cfg = load_config(PRUNE, [f"data.root={self.data}"])
+        src = build_model_config(prune_cfg)
+        self.src_dir = _random_model_dir(src, tmp / "src", seed=0)
+        from llmshearing.config import pruning_target
+        from llmshearing.models.config import ModelConfig
+
+        tgt = pruning_target(src.shape, dict(prune_cfg.pruning.target))
+        self.cpt_dir = _random_model_dir(ModelConfig.from_dict({**src.to_dict(), "shape": tgt.to_dict()}),
+                                         tmp / "cut", seed=1)
+        self._done: dict[str, dict] = {}
+
+    def overrides(self, stage: str, save: Path, nproc: int, micro: int) -> list[str]:
+        common = [f"data.root={self.data}", "max_duration=8ba", "save_interval=4ba", "eval_interval=4ba",
+                  "global_train_batch_size=16", f"device_train_microbatch_size={micro}", "data.num_workers=2",
+                  f"data.eval_rows_per_domain={EVAL_ROWS}", "device_eval_batch_size=2", "eval_first=true",
+                  "loggers.file=false", "loggers.console_interval=4ba", f"save_folder={save}"]
+        if stage == "prune":
+            return common + [f"model.path={self.src_dir}", "model.init=null"]
+        return common + [f"model.path={self.cpt_dir}"]
+
+    def launch(self, nproc: int, stage: str, name: str, micro: int, env: dict | None = None):
+        out, save = self.tmp / name / "rec", self.tmp / name / "ckpt"
+        cmd = [str(COMPOSER), "-n", str(nproc), "tests/_mp_driver.py", str(out), str(PRUNE if stage == "prune" else CPT),
+               *self.overrides(stage, save, nproc, micro)]
+        e = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", WANDB_MODE="offline", **(env or {}))
+        p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=HANG_GUARD_S)
+        return p, out, save
+
+    def get(self, name: str) -> dict:
+        if name in self._done:
+            return self._done[name]
+        stage, nproc, micro = {"prune2": ("prune", 2, 8), "prune1": ("prune", 1, 8),
+                               "cpt2": ("cpt", 2, 8), "cpt1": ("cpt", 1, 16), "killed": ("prune", 2, 8)}[name]
+        r: dict = {}
+        if name == "killed":
+            p, _, save = self.launch(nproc, stage, name, micro, env={"DRIVER_KILL_AT": "6"})
+            r["first"] = p
+            r["ckpt_after_kill"] = sorted(x.name for x in save.glob("ep*-ba*-rank0.pt"))
+        p, out, save = self.launch(nproc, stage, name, micro)
+        assert p.returncode == 0, f"{name}: exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+        r.update(proc=p, save=save, recs=[json.loads((out / f"rank{i}.json").read_text()) for i in range(nproc)],
+                 ckpt=torch.load(save / "latest-rank0.pt", map_location="cpu", weights_only=False))
+        self._done[name] = r
+        return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("mp"))
+
+
+def _model_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in ckpt["state"]["model"].items()}
+
+
+def _loader_state(ckpt: dict) -> dict:
+    return ckpt["state"]["dataset_state"]["train"]
+
+
+# ------------------------------------------------------------------------------------------ runs
+@pytest.mark.parametrize("name", ["prune2", "cpt2"])
+def test_two_rank_run_with_workers_exits_zero_and_saves(runs, name):
+    r = runs.get(name)
+    assert (r["save"] / "latest-rank0.pt").exists()
+    ts = r["ckpt"]["state"]["timestamp"]["Timestamp"]
+    assert (ts["batch"], ts["sample"]) == (8, 8 * 16)  # samples counted over both ranks
+    assert [e["batch"] for e in r["recs"][0]["evals"]] == [0, 4, 8]  # eval_first, then every 4 batches
+    if name == "prune2":
+        assert sorted(p.name for p in (r["save"] / "masks").glob("*.pt")) == ["masks_ba0.pt", "masks_ba4.pt",
+                                                                           "masks_ba8.pt"]
+
+
+# ------------------------------------------------------------------------------------ data sharding
+@pytest.mark.parametrize("two,one", [("prune2", "prune1"), ("cpt2", "cpt1")])
+def test_rank_slices_are_disjoint_and_make_the_one_rank_global_batch(runs, two, one):
+    r2, r1 = runs.get(two)["recs"], runs.get(one)["recs"]
+    assert sorted(r1[0]["ids"], key=int) == [str(b) for b in range(8)]
+    for b, glob in r1[0]["ids"].items():
+        a, c = r2[0]["ids"][b], r2[1]["ids"][b]
+        assert len(a) == len(c) == 8 and len(glob) == 16
+        assert not set(a) & set(c), f"batch {b}: ranks share samples {set(a) & set(c)}"
+        assert a + c == glob, f"batch {b}: rank slices {a} + {c} != 1-rank batch {glob}"
+
+
+# ---------------------------------------------------------------------- same weights, any world size
+def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||a - init|| over all weights: the disagreement of two runs as a fraction of how far
+    training moved the weights. Summation-order noise (fp32 all-reduce vs local accumulation) keeps it
+    at ~3e-6 (0 for pruning here); wrong data moves it to ~0.5 (measured with both ranks reading
+    rank 0's slice), five orders of magnitude apart."""
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in init)
+    den = sum(float((a[k].double() - init[k].double()).pow(2).sum()) for k in init)
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("two,one,init_dir", [("prune2", "prune1", "src_dir"), ("cpt2", "cpt1", "cpt_dir")])
+def test_two_ranks_end_at_the_weights_of_one_rank_on_the_same_global_batch(runs, two, one, init_dir):
+    a, b = _model_state(runs.get(two)["ckpt"]), _model_state(runs.get(one)["ckpt"])
+    assert a.keys() == b.keys()
+    init = {f"model.{k}": v for k, v in load_model(getattr(runs, init_dir)).state_dict().items()}
+    gap = _relative_gap(a, b, init)
+    print(f"{two} vs {one}: relative weight gap {gap:.2e}")
+    assert gap < 1e-4, f"{two} vs {one}: relative weight gap {gap:.2e}"  # noise ~3e-6, wrong data ~0.5
+    for k in a:
+        if k.startswith("l0."):  # masks and multipliers (not in `init`): absolute, same noise argument
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+    # the domain weights of the two runs followed the same updates
+    pa, pb = _loader_state(runs.get(two)["ckpt"]), _loader_state(runs.get(one)["ckpt"])
+    for (ba, wa), (bb, wb) in zip(pa["proportion_history"], pb["proportion_history"], strict=True):
+        assert ba == bb and max(abs(x - y) for x, y in zip(wa, wb)) < 1e-6
+
+
+# ------------------------------------------------------------------------------------ kill + resume
+def test_killed_two_rank_run_resumes_exactly(runs):
+    k, full = runs.get("killed"), runs.get("prune2")
+    assert k["first"].returncode != 0, "the first launch should have died (rank 1 was killed)"
+    assert k["ckpt_after_kill"] == ["ep0-ba4-rank0.pt"], k["ckpt_after_kill"]
+    assert min(int(b) for b in k["recs"][0]["ids"]) == 4  # the relaunch resumed at batch 4
+    a, b = _model_state(k["ckpt"]), _model_state(full["ckpt"])
+    assert a.keys() == b.keys() and any(n.startswith("l0.lambda") for n in a) and any(n.startswith("l0.log_alpha") for n in a)
+    for n in a:  # weights, mask logits and multipliers; 1e-6 absolute
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0, msg=n)
+    la, lb = _loader_state(k["ckpt"]), _loader_state(full["ckpt"])
+    assert la["proportion_history"] == lb["proportion_history"] and la["cursors"] == lb["cursors"]
+    # and it trained on exactly the batches the uninterrupted run trained on after batch 4
+    for r in range(2):
+        for bi, ids in k["recs"][r]["ids"].items():
+            assert ids == full["recs"][r]["ids"][bi]
+
+
+# --------------------------------------------------------------------------------------- evaluation
+def _brute_force_eval(model_dir: Path, data_root: Path) -> dict[str, float]:
+    """Token-mean next-token CE over the first EVAL_ROWS rows of each domain, read with Streaming
+    directly and computed with plain torch: the independent reference."""
+    from streaming import StreamingDataset
+
+    model = load_model(model_dir).eval()
+    out = {}
+    for dom in DOMAINS:
+        sds = StreamingDataset(local=str(data_root / "eval" / dom), batch_size=1, shuffle=False)
+        x = torch.stack([torch.from_numpy(sds.get_item(i)["tokens"].astype("int64")) for i in range(EVAL_ROWS)])
+        with torch.no_grad():
+            logits = model(x)
+        out[dom] = float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)))
+    return out
+
+
+def test_two_rank_eval_equals_one_rank_eval_of_the_same_rows(runs):
+    """7 rows per domain on 2 ranks: the sampler pads rank 1 with a repeat of row 0, which Composer
+    drops from the metric, so both evaluate each of the 7 rows exactly once."""
+    two, one = runs.get("cpt2")["recs"], runs.get("cpt1")["recs"]
+    ref = _brute_force_eval(runs.cpt_dir, runs.data)
+    e2, e1 = two[0]["evals"][0], one[0]["evals"][0]
+    assert e2["batch"] == e1["batch"] == 0  # eval_first: the source weights, before any step
+    for dom in DOMAINS:
+        print(f"eval {dom}: 2-rank {e2['losses'][dom]:.8f} 1-rank {e1['losses'][dom]:.8f} brute force {ref[dom]:.8f}")
+        assert abs(e2["losses"][dom] - e1["losses"][dom]) < 1e-6, dom  # fp32 summation order only
+        assert abs(e2["losses"][dom] - ref[dom]) < 1e-5, (dom, e2["losses"][dom], ref[dom])  # fp32, 7x127 tokens
+    # every rank computed the same losses and made the same domain-weight updates, bit for bit
+    assert two[0]["evals"] == two[1]["evals"]
+    assert two[0]["proportion_history"] == two[1]["proportion_history"]
+    assert len(two[0]["proportion_history"]) >= 2  # the eval at batch 0 did update the mixture
+
+
+# ------------------------------------------------------------------------------------- mask sampling
+def test_ranks_draw_independent_mask_noise_keyed_by_global_microbatch(runs):
+    """Each rank samples its own masks (independent hard-concrete noise); the noise is keyed by the
+    microbatch's index in the global batch, so 1 rank x 2 microbatches draws the same two samples as
+    2 ranks x 1 microbatch."""
+    two, one = runs.get("prune2")["recs"], runs.get("prune1")["recs"]
+    m0, m1 = two[0]["masks_step1"], two[1]["masks_step1"]
+    assert len(m0) == len(m1) == 1 and len(one[0]["masks_step1"]) == 2
+    assert m0[0]["hidden"] != m1[0]["hidden"] and m0[0]["intermediate"] != m1[0]["intermediate"]
+    assert one[0]["masks_step1"] == [m0[0], m1[0]]
