@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from _hf_helpers import CASES, hf_case, max_abs_diff, tokens
 from llmshearing.convert import cli as convert_cli
 from llmshearing.convert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, load_model_dir
+from llmshearing.convert.safetensors_writer import SafetensorsStreamWriter
 from llmshearing.convert.hf import (
-    SafetensorsStreamWriter,
     convert_composer_to_hf,
     convert_hf_to_llmshearing,
     export_to_hf,
@@ -220,9 +220,12 @@ def test_pruning_checkpoint_refused(tmp_path: Path) -> None:
 
 
 def test_checkpoint_without_model_info_or_state(tmp_path: Path) -> None:
-    torch.save({"state": {"model": {}}}, tmp_path / "a.pt")
+    torch.save({"state": {"model": {"model.lm_head.weight": torch.zeros(2, 2)}}}, tmp_path / "a.pt")
     with pytest.raises(ValueError, match="no ModelInfo"):
         convert_composer_to_hf(tmp_path / "a.pt", tmp_path / "out")
+    torch.save({"state": {"model": {}}}, tmp_path / "e.pt")
+    with pytest.raises(ValueError, match=r"e.pt: no model weights"):
+        convert_composer_to_hf(tmp_path / "e.pt", tmp_path / "out")
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, tmp_path / "b.pt")
     with pytest.raises(ValueError, match="b.pt"):
         convert_composer_to_hf(tmp_path / "b.pt", tmp_path / "out")

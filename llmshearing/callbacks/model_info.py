@@ -2,7 +2,7 @@
 
 Its state (the ModelConfig, and the pruning setup when pruning) is saved by Composer in the
 checkpoint under `state['callbacks']['ModelInfo']`, so `composer-to-hf` and `prune-export`
-need nothing but the checkpoint file.
+need nothing but the checkpoint file (read by `llmshearing.convert.checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,3 @@ class ModelInfo(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The run's own config wins; the checkpoint copy is informational on resume.
         pass
-
-
-def read_model_info(checkpoint: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
-    """Return {'model_config': ModelConfig, 'pruning': dict|None} from a loaded Composer checkpoint."""
-    st = checkpoint.get("state", checkpoint)
-    info = (st.get("callbacks") or {}).get("ModelInfo")
-    if info is None:
-        raise ValueError(f"{source}: no ModelInfo in the checkpoint's callbacks; was it written by llmshearing's train.py?")
-    return {"model_config": ModelConfig.from_dict(info["model_config"]), "pruning": info.get("pruning")}

@@ -1,21 +1,37 @@
-"""The llmshearing model directory: what `model.path` points to.
+"""Our two on-disk formats, read and written here only.
+
+The llmshearing model directory (what `model.path` points to):
 
     <dir>/llmshearing.json   ModelConfig (shape + rope/norm settings + family)
     <dir>/model.safetensors  weights under Hugging Face parameter names
 
 Safetensors (not pickles) so that loading is safe and can be memory-mapped tensor by tensor.
+
+Composer training checkpoints (`read_composer_checkpoint`), as the Trainer writes them:
+
+    full     one file, `<save_folder>/ep0-ba3200-rank0.pt` (and its `latest-rank0.pt` link): a
+             torch.save'd {'state': State.state_dict(), 'rng': ...}; read memory-mapped, so the
+             optimizer state in it is never paged in.
+    sharded  one folder per checkpoint (FSDP `state_dict_type: sharded`): torch.distributed.checkpoint
+             files `__<rank>_0.distcp` + `.metadata`; only the model and ModelInfo entries are read.
+
+Both are self-describing: the ModelInfo callback's state holds the ModelConfig (and the pruning
+setup), so a checkpoint alone is enough to rebuild its model.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from llmshearing.convert.safetensors_writer import save_state_dict
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.llama import LlamaForCausalLM
 
 CONFIG_NAME = "llmshearing.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -28,7 +44,7 @@ def save_model_dir(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_di
     sd = {k: v.detach().contiguous() for k, v in state_dict.items()}
     if cfg.shape.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_state_dict(sd, out / WEIGHTS_NAME, metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return out
 
@@ -74,15 +90,19 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, weights: bool
     `weights=False` reads only the config and returns the model on the meta device (ranks that
     receive the weights from rank 0).
     """
-    from llmshearing.models.llama import LlamaForCausalLM
-
     if not weights:
         with torch.device("meta"):
             return LlamaForCausalLM(load_model_config(path))
     cfg, sd = load_model_dir(path, dtype)
+    return model_from_state_dict(cfg, sd, source=str(path))
+
+
+def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str):
+    """An `LlamaForCausalLM` that takes over `sd`'s tensors (no random init, no copy: memory-mapped
+    tensors stay mapped), refusing missing/unexpected/misshaped keys with a message naming `source`."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    load_state_dict_strict(model, sd, source=str(path), assign=True)
+    load_state_dict_strict(model, sd, source=source, assign=True)
     model.model.rotary_emb.to_empty(device="cpu")
     model.model.rotary_emb.reset_parameters()
     return model
@@ -107,3 +127,124 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], 
     model.load_state_dict(sd, strict=True, assign=assign)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+# ------------------------------------------------------------------------- Composer checkpoints
+class CheckpointError(ValueError):
+    """A file or folder that is not (or no longer) the checkpoint it was given as; names it."""
+
+
+#: Wrapper names that DDP, FSDP, activation checkpointing and torch.compile insert into parameter names.
+_WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
+
+
+def unwrap_key(key: str) -> str:
+    """A parameter name as the unwrapped ComposerLlama names it (`model.*`, `l0.*`)."""
+    for frag in _WRAPPER_FRAGMENTS:
+        key = key.replace(frag, "")
+    return key.removeprefix("module.")
+
+
+@dataclass
+class ComposerCheckpoint:
+    """What the tools need from a training checkpoint; never the optimizer state.
+
+    model_state: ComposerLlama state dict with unwrapped keys (`model.*`, and `l0.*` when pruning);
+        memory-mapped tensors for full checkpoints. model_config / pruning: from ModelInfo.
+    dataset_state: the train loader's state (domain weights, cursors), or None.
+    """
+
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    model_config: ModelConfig
+    pruning: dict[str, Any] | None
+    dataset_state: dict[str, Any] | None
+
+
+def torch_load(path: str | Path, weights_only: bool) -> Any:
+    """torch.load on CPU, memory-mapped where the format allows (zip serialization), so a file costs
+    no RAM until its tensors are read; any failure becomes one CheckpointError line naming the file."""
+    path = Path(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format
+    except Exception as e:  # noqa: BLE001 - unpickling raises many types; report them all the same way
+        kind = "a weights-only state dict" if weights_only else "a torch checkpoint"
+        raise CheckpointError(f"{path}: cannot be loaded as {kind}: {type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}") from e
+
+
+def read_model_info(state: dict[str, Any], source: str) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """(ModelConfig, pruning dict or None) from a checkpoint's `state` (ModelInfo callback state)."""
+    info = (state.get("callbacks") or {}).get("ModelInfo")
+    if not isinstance(info, dict) or "model_config" not in info:
+        raise CheckpointError(f"{source}: no ModelInfo in the checkpoint's callbacks; was it written by "
+                              "llmshearing's train.py?")
+    try:
+        return ModelConfig.from_dict(info["model_config"]), info.get("pruning")
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: invalid model config in ModelInfo: {e}") from e
+
+
+def read_composer_checkpoint(path: str | Path) -> ComposerCheckpoint:
+    """The model weights, ModelInfo and loader state of a full or sharded Composer checkpoint."""
+    p = Path(path)
+    expected = ("a Composer checkpoint: a file such as latest-rank0.pt, or the folder of a sharded "
+                "checkpoint (with .metadata)")
+    if p.is_dir():
+        if not (p / DCP_METADATA).is_file():
+            raise CheckpointError(f"{p}: is a folder without {DCP_METADATA}; expected {expected}")
+        state = _read_sharded_state(p)
+    elif p.is_file():
+        ckpt = torch_load(p, weights_only=False)
+        state = ckpt.get("state") if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{p}: a torch file without ['state']; expected {expected}")
+    else:
+        raise CheckpointError(f"{p}: not found; expected {expected}")
+    model = state.get("model")
+    if not isinstance(model, dict) or not model:
+        raise CheckpointError(f"{p}: no model weights under ['state']['model']; expected {expected}")
+    cfg, pruning = read_model_info(state, str(p))
+    ds = (state.get("dataset_state") or {}).get("train")
+    return ComposerCheckpoint(path=p, model_state={unwrap_key(k): v for k, v in model.items()}, model_config=cfg,
+                              pruning=pruning or None, dataset_state=ds if isinstance(ds, dict) else None)
+
+
+def _read_sharded_state(folder: Path) -> dict[str, Any]:
+    """`state` of a sharded (torch.distributed.checkpoint) save, restricted to model, ModelInfo and
+    loader state: every saved leaf has its object path in the metadata's planner data, so a nested
+    dict of just those leaves (empty tensors of the saved shapes) is what `dcp.load` fills in."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    wanted = (("state", "model"), ("state", "callbacks", "ModelInfo"), ("state", "dataset_state", "train"))
+    try:
+        reader = dcp.FileSystemReader(str(folder))
+        meta = reader.read_metadata()
+        target: dict[str, Any] = {}
+        for fqn, obj_path in (meta.planner_data or {}).items():
+            obj_path = tuple(obj_path)
+            if not any(obj_path[:len(w)] == w for w in wanted):
+                continue
+            m = meta.state_dict_metadata[fqn]
+            leaf = (torch.empty(tuple(m.size), dtype=m.properties.dtype)
+                    if isinstance(m, TensorStorageMetadata) else None)
+            node = target
+            for part in obj_path[:-1]:
+                node = node.setdefault(part, {})
+            node[obj_path[-1]] = leaf
+        if not target:
+            raise CheckpointError(f"{folder}: the sharded checkpoint holds no ['state']['model'] entries")
+        dcp.load(target, storage_reader=reader, no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - missing/truncated shard files fail in many ways
+        raise CheckpointError(f"{folder}: cannot be read as a sharded Composer checkpoint: {type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}") from e
+    return target["state"]

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import struct
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +30,16 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from llmshearing.convert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_model_dir, load_model_config
+from llmshearing.convert.checkpoint import (
+    CONFIG_NAME,
+    DCP_METADATA,
+    WEIGHTS_NAME,
+    is_model_dir,
+    load_model_config,
+    read_composer_checkpoint,
+    torch_load,
+)
+from llmshearing.convert.safetensors_writer import ST_DTYPES, SafetensorsStreamWriter
 from llmshearing.data.tokenizer import HF_TOKENIZER_FILES
 from llmshearing.models.config import ARCHITECTURES, ModelConfig
 from llmshearing.shape import ModelShape, ShapeError
@@ -284,12 +290,7 @@ def read_hf_config(hf_dir: str | Path) -> ModelConfig:
 # Tensor sources: uniform, lazy access to safetensors files, .bin pickles and in-memory dicts
 # ---------------------------------------------------------------------------------------------
 
-_ST_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-_ST_DTYPES_INV = {v: k for k, v in _ST_DTYPES.items()}
+_ST_DTYPES_INV = {v: k for k, v in ST_DTYPES.items()}
 
 
 class _Shard:
@@ -362,24 +363,9 @@ class _Source:
                 del sd
 
 
-def _torch_load(path: Path, weights_only: bool) -> Any:
-    """torch.load on CPU, memory-mapped where the format allows (zip serialization), so a shard or
-    checkpoint costs no RAM until its tensors are read; any failure becomes a one-line ValueError."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format
-    except Exception as e:  # noqa: BLE001 - unpickling raises many types; report them all the same way
-        kind = "a weights-only state dict" if weights_only else "a torch checkpoint"
-        raise ValueError(f"{path}: cannot be loaded as {kind}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-
-
 def _torch_load_weights(path: Path) -> dict[str, Any]:
     """A pickled state dict (`pytorch_model*.bin`), loaded safely: weights_only=True."""
-    sd = _torch_load(path, weights_only=True)
+    sd = torch_load(path, weights_only=True)
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict, found a {type(sd).__name__}")
     return sd
@@ -500,78 +486,6 @@ def _drop_tied_head(entries: dict[str, _Entry], sources: Sequence[_Source], cfg:
 # ---------------------------------------------------------------------------------------------
 # Streaming safetensors writer
 # ---------------------------------------------------------------------------------------------
-
-class SafetensorsStreamWriter:
-    """Write a `.safetensors` file one tensor at a time.
-
-    `safetensors.torch.save_file` needs the whole state dict in memory at once; since the header
-    (names, dtypes, shapes, offsets) only needs metadata, we write it first from a plan and then
-    append tensors in plan order, so peak memory is one tensor. The file is written under a
-    temporary name and renamed on success, so a failed conversion never leaves a truncated
-    `model.safetensors` behind that would look valid.
-    """
-
-    def __init__(self, path: str | Path, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-                 metadata: dict[str, str] | None = None) -> None:
-        if sys.byteorder != "little":
-            raise RuntimeError("safetensors files are little-endian; big-endian hosts are not supported")
-        self.path = Path(path)
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
-        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
-        offset = 0
-        self._plan: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
-        for key, shape, dtype in plan:
-            nbytes = _numel(shape) * _itemsize(dtype)
-            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._plan.append((key, tuple(shape), dtype, nbytes))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-        self._f = open(self._tmp, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
-        self._next = 0
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        want_key, shape, dtype, nbytes = self._plan[self._next]
-        if key != want_key or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"writer expected {want_key} {shape} {dtype}, got {key} {tuple(tensor.shape)} {tensor.dtype}")
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if t.numel():
-            self._f.write(memoryview(t.view(torch.uint8).numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        self._f.close()
-        if self._next != len(self._plan):
-            self._tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"{self.path}: only {self._next} of {len(self._plan)} tensors were written")
-        os.replace(self._tmp, self.path)
-
-    def abort(self) -> None:
-        self._f.close()
-        self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> "SafetensorsStreamWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
 
 def _stream_copy(entries: Mapping[str, _Entry], sources: Sequence[_Source], out_file: Path,
                  dtype: torch.dtype | None, desc: str) -> None:
@@ -701,28 +615,6 @@ def export_to_hf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, out_d
     return _export_sources(sources, entries, cfg, out, tokenizer_dir, resolve_dtype(dtype), "the model config")
 
 
-#: Wrapper names FSDP, activation checkpointing and torch.compile insert into parameter names.
-_WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def _clean_wrapper_key(key: str) -> str:
-    for frag in _WRAPPER_FRAGMENTS:
-        key = key.replace(frag, "")
-    return key
-
-
-def _composer_model_state(ckpt: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """The decoder's weights from a Composer checkpoint, under HF names (`model.` prefix removed)."""
-    state = ckpt.get("state") if isinstance(ckpt, Mapping) else None
-    if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
-        raise ValueError(f"{source}: not a Composer training checkpoint (expected ckpt['state']['model']); "
-                         "for an llmshearing model directory pass the directory instead")
-    sd = {_clean_wrapper_key(k): v for k, v in state["model"].items()}
-    if all(k.startswith("module.") for k in sd):  # a DDP-wrapped save
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return sd
-
-
 def _refuse_pruning_checkpoint(sd: Mapping[str, Any], pruning: Any, source: str) -> None:
     l0 = [k for k in sd if k.startswith("l0.")]
     if l0 or pruning:  # ModelInfo.pruning is None (or empty) outside pruning runs
@@ -734,13 +626,14 @@ def _refuse_pruning_checkpoint(sd: Mapping[str, Any], pruning: Any, source: str)
 
 def convert_composer_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                            dtype: torch.dtype | str | None = None) -> ModelConfig:
-    """Export (a) an llmshearing model directory or (b) a Composer training checkpoint
-    (`latest-rank0.pt`, full state dict; config from its ModelInfo callback state) to a Hugging Face
-    model directory. Pruning checkpoints are refused (prune-export them first). Returns the config.
+    """Export (a) an llmshearing model directory or (b) a Composer training checkpoint (a full
+    `latest-rank0.pt` or a sharded checkpoint folder; config from its ModelInfo callback state) to a
+    Hugging Face model directory. Pruning checkpoints are refused (prune-export them first).
+    Returns the config.
     """
     path, out = Path(ckpt), Path(out_dir)
     dtype = resolve_dtype(dtype)
-    if path.is_dir():
+    if path.is_dir() and not (path / DCP_METADATA).is_file():
         if not is_model_dir(path):
             hint = " (it looks like a Hugging Face model already)" if (path / HF_CONFIG_NAME).is_file() else ""
             raise FileNotFoundError(f"{path}: not an llmshearing model directory; looked for {CONFIG_NAME} and "
@@ -751,32 +644,20 @@ def convert_composer_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir:
         entries = _scan(sources, lambda k: k)
         _export_sources(sources, entries, cfg, out, tokenizer_dir, dtype, str(path / CONFIG_NAME))
         return cfg
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; expected a Composer checkpoint file (e.g. latest-rank0.pt) "
-                                f"or an llmshearing model directory ({CONFIG_NAME} + {WEIGHTS_NAME})")
-    from llmshearing.callbacks.model_info import read_model_info
-
-    ckpt_obj = _torch_load_checkpoint(path)
-    info = read_model_info(ckpt_obj, source=str(path))
-    sd = _composer_model_state(ckpt_obj, str(path))
-    _refuse_pruning_checkpoint(sd, info["pruning"], str(path))
-    cfg: ModelConfig = info["model_config"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; expected a Composer checkpoint (e.g. latest-rank0.pt, or a "
+                                f"sharded checkpoint folder) or an llmshearing model directory ({CONFIG_NAME} + "
+                                f"{WEIGHTS_NAME})")
+    ck = read_composer_checkpoint(path)
+    sd = ck.model_state
+    _refuse_pruning_checkpoint(sd, ck.pruning, str(path))
+    cfg = ck.model_config
     other = sorted(k for k in sd if not k.startswith("model."))
     if other:
         raise ValueError(f"{path}: unexpected entries in the checkpoint's model state {_short(other)}")
     weights = {k.removeprefix("model."): v for k, v in sd.items()}
-    del ckpt_obj, sd
+    del ck, sd
     sources = [_Source(name=str(path), sd=weights)]
     entries = _scan(sources, lambda k: None if _is_dropped_buffer(k) else k)
     _export_sources(sources, entries, cfg, out, tokenizer_dir, dtype, f"{path} (ModelInfo config)")
     return cfg
-
-
-def _torch_load_checkpoint(path: Path) -> dict[str, Any]:
-    """Composer checkpoints pickle more than tensors (timestamps, RNG, optimizer), so this needs
-    weights_only=False: only convert checkpoints you trust. Memory-mapped, so the optimizer state
-    is never read into RAM."""
-    ckpt = _torch_load(path, weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a Composer checkpoint dict, found a {type(ckpt).__name__}")
-    return ckpt

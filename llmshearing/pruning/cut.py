@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from llmshearing.masks import StructureMasks
+from llmshearing.convert.checkpoint import model_from_state_dict
 from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.shape import ModelShape
 
@@ -165,13 +166,12 @@ def cut_model(model: LlamaForCausalLM, masks: StructureMasks) -> LlamaForCausalL
         down = f32(p + "mlp.down_proj.weight") * (int_z * _gate(m, i, "mlp"))[None, :] * hz[:, None]
         out[q + "mlp.down_proj.weight"] = down[keep_d][:, chans]
 
-    new = LlamaForCausalLM(model.config.with_shape(plan.shape)).to(dtype)
     new_sd = {k: v.to(dtype).contiguous() for k, v in out.items()}
+    del out
     if plan.shape.tie_embeddings:
         new_sd["lm_head.weight"] = new_sd["model.embed_tokens.weight"]
-    new.load_state_dict(new_sd, strict=True)
-    new.tie_weights()
-    return new
+    # takes over the tensors (no second, randomly initialised copy of the cut model)
+    return model_from_state_dict(model.config.with_shape(plan.shape), new_sd, source="the cut model")
 
 
 def cut_report(shape: ModelShape, masks: StructureMasks) -> dict[str, Any]:

@@ -10,35 +10,33 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmshearing.callbacks.model_info import read_model_info
-from llmshearing.convert.checkpoint import load_state_dict_strict, save_model_dir
+from llmshearing.convert.checkpoint import (
+    CheckpointError,
+    model_from_state_dict,
+    read_composer_checkpoint,
+    save_model_dir,
+    torch_load,
+)
 from llmshearing.masks import StructureMasks
-from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.pruning.cut import cut_model, cut_report
 from llmshearing.pruning.l0 import L0Module
 
 log = logging.getLogger(__name__)
 
-_WRAPPER_FRAGMENTS = re.compile(r"(_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.|_orig_mod\.)")
-
-
 StateDict = dict[str, torch.Tensor]
 
 
 def split_composer_state(model_state: StateDict) -> tuple[StateDict, StateDict]:
-    """(LlamaForCausalLM state dict, L0Module state dict) from ComposerLlama keys `model.*` / `l0.*`."""
+    """(LlamaForCausalLM state dict, L0Module state dict) from ComposerLlama keys `model.*` / `l0.*`
+    (as `read_composer_checkpoint` returns them, wrapper names removed)."""
     model_sd: StateDict = {}
     l0_sd: StateDict = {}
     for k, v in model_state.items():
-        k = _WRAPPER_FRAGMENTS.sub("", k)
-        if k.startswith("module."):  # DDP
-            k = k[len("module."):]
         if k.startswith("model."):
             model_sd[k[len("model."):]] = v
         elif k.startswith("l0."):
@@ -50,33 +48,34 @@ def split_composer_state(model_state: StateDict) -> tuple[StateDict, StateDict]:
 
 def load_masks_file(path: str | Path) -> StructureMasks:
     """Masks saved by PruningCallback (`{'masks': ...}`) or a bare StructureMasks state dict."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = torch_load(path, weights_only=False)
     if isinstance(obj, dict) and "masks" in obj and isinstance(obj["masks"], dict):
         obj = obj["masks"]
-    return StructureMasks.from_state_dict(obj)
+    try:
+        return StructureMasks.from_state_dict(obj)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a mask file (expected masks_baN.pt from a pruning run): {e}") from e
 
 
 def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path | None = None,
                   tokenizer_dir: str | Path | None = None, masks_path: str | Path | None = None) -> dict[str, Any]:
-    """Cut the pruned model of a Composer checkpoint and save it; returns the cut report."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint file")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    info = read_model_info(ckpt, source=str(ckpt_path))
-    cfg, pruning = info["model_config"], info["pruning"]
+    """Cut the pruned model of a Composer checkpoint (full file or sharded folder) and save it;
+    returns the cut report. The source weights stay memory-mapped (full checkpoints) and the
+    optimizer state is never read, so the peak is about the source weights plus the cut model."""
+    ck = read_composer_checkpoint(ckpt_path)
+    cfg, pruning = ck.model_config, ck.pruning
     if not pruning:
-        raise ValueError(f"{ckpt_path}: the checkpoint has no pruning setup (ModelInfo.pruning is empty); "
-                         "is it a pruning run?")
-    state = ckpt.get("state", ckpt)
-    if "model" not in state:
-        raise ValueError(f"{ckpt_path}: no model weights under ['state']['model']")
-    model_sd, l0_sd = split_composer_state(state["model"])
-
-    model = LlamaForCausalLM(cfg)
-    load_state_dict_strict(model, model_sd, source=str(ckpt_path))
+        raise CheckpointError(f"{ckpt_path}: the checkpoint has no pruning setup (ModelInfo.pruning is empty); "
+                              "is it a pruning run?")
+    model_sd, l0_sd = split_composer_state(ck.model_state)
+    del ck
+    model = model_from_state_dict(cfg, model_sd, source=str(ckpt_path))
     l0 = L0Module.from_config_dict(cfg.shape, pruning, eval_target_model=True)
-    l0.load_state_dict(l0_sd, strict=True)
+    try:
+        l0.load_state_dict(l0_sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt_path}: its mask parameters do not match its pruning setup: "
+                              f"{str(e).splitlines()[0]}") from e
     l0.eval()
     masks = load_masks_file(masks_path) if masks_path is not None else l0.deterministic_masks(target=True)
 
