@@ -46,7 +46,7 @@ class DemoPlan:
 # pretrained source has (that is what shearing reuses).
 FULL = DemoPlan(chars_per_domain=1_500_000, vocab_size=1024, source_steps=1000, prune_steps=200, cpt_steps=200,
                 eval_seqs_per_domain=64)
-QUICK = DemoPlan(chars_per_domain=200_000, vocab_size=1024, source_steps=60, prune_steps=40, cpt_steps=20,
+QUICK = DemoPlan(chars_per_domain=500_000, vocab_size=1024, source_steps=300, prune_steps=60, cpt_steps=60,
                  eval_seqs_per_domain=16)
 
 

@@ -12,10 +12,13 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_runs_and_shearing_beats_scratch(tmp_path):
+    """`--quick` (about a minute on 2 cores; the full demo takes 3-5 minutes and is what the README shows):
+    the same stages, a shorter-trained source, and shearing still wins by a wide margin (4.56 vs 5.16)."""
     exe = Path(sys.executable).parent / "llmshearing"
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    p = subprocess.run([str(exe), "demo", "--out", str(tmp_path / "demo")], capture_output=True, text=True,
-                       env=env, timeout=900)
+    # the timeout is a hang guard (~10x the normal duration), not a speed check
+    p = subprocess.run([str(exe), "demo", "--quick", "--out", str(tmp_path / "demo")], capture_output=True,
+                       text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.loads((tmp_path / "demo" / "results.json").read_text())
     # The <10-minute budget is a speed target, measured and reported (results.json "seconds", README),

@@ -227,3 +227,23 @@ def test_ranks_draw_independent_mask_noise_keyed_by_global_microbatch(runs):
     assert len(m0) == len(m1) == 1 and len(one[0]["masks_step1"]) == 2
     assert m0[0]["hidden"] != m1[0]["hidden"] and m0[0]["intermediate"] != m1[0]["intermediate"]
     assert one[0]["masks_step1"] == [m0[0], m1[0]]
+
+
+# ------------------------------------------------------------------------------------------- export
+def test_two_rank_checkpoints_export(runs, tmp_path):
+    """prune-export and composer-to-hf read what 2-rank runs save; the HF export loads and matches."""
+    import transformers
+
+    from llmshearing.convert.hf import convert_composer_to_hf
+    from llmshearing.pruning.export import export_pruned
+
+    report = export_pruned(runs.get("prune2")["save"] / "latest-rank0.pt", tmp_path / "cut")
+    target = load_config(PRUNE, [f"data.root={runs.data}"]).pruning.target
+    assert {k: report["shape"][k] for k in target} == dict(target)
+    convert_composer_to_hf(runs.get("cpt2")["save"] / "latest-rank0.pt", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(runs.cpt_dir).eval()
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in _model_state(runs.get("cpt2")["ckpt"]).items()})
+    x = torch.randint(0, ours.config.shape.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() < 1e-4  # fp32, random-init-scale weights

@@ -206,3 +206,34 @@ def test_composer_trainer_pruning_and_export(tmp_path, capsys, one_thread):
     with torch.no_grad():
         torch.testing.assert_close(cut2(ids), cut(ids), atol=0, rtol=0)
     assert isinstance(load_masks_file(tmp_path / "masks" / "masks_ba2.pt"), StructureMasks)
+
+
+def test_callback_reads_mask_statistics_only_on_logging_steps(monkeypatch):
+    """On a GPU every Tensor -> Python conversion (.item(), float(), .tolist(), bool(), ...) waits for the
+    device: the pruning callback makes none on the steps between log_interval steps."""
+    from types import SimpleNamespace
+
+    from llmshearing.callbacks.pruning import PruningCallback
+
+    src = ModelShape(d_model=32, n_heads=4, n_kv_heads=4, head_dim=8, n_layers=2, intermediate_size=48, vocab_size=64)
+    tgt = src.replace(d_model=24, n_heads=2, n_kv_heads=2, intermediate_size=32)
+    model = ComposerLlama(ModelConfig(shape=src), l0=L0Module(src, tgt, seed=0))
+    syncs = []
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            syncs.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    logged = []
+    logger = SimpleNamespace(log_metrics=logged.append)
+    cb = PruningCallback(log_interval=10)
+    per_step = {}
+    for step in range(1, 21):
+        before = len(syncs)
+        cb.batch_end(SimpleNamespace(model=model, timestamp=SimpleNamespace(batch=SimpleNamespace(value=step))), logger)
+        per_step[step] = len(syncs) - before
+    assert all(n == 0 for s, n in per_step.items() if s % 10), per_step  # no host sync between logging steps
+    assert per_step[10] > 0 and per_step[20] > 0 and len(logged) == 2  # the stats are still logged
