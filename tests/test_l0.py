@@ -206,22 +206,73 @@ def test_target_sparsity_schedule():
     assert no_warmup.target_sparsity(0) == pytest.approx(final)
 
 
-def test_lagrangian_value_is_penalty_of_mean_sparsity():
-    tgt = TINY_MHA.replace(n_heads=1, n_kv_heads=1, intermediate_size=2)
-    l0 = L0Module(TINY_MHA, tgt, ["head", "intermediate"], lagrangian_warmup_steps=10)
-    _randomize(l0, 7)
+def _original_lagrangian(log_alphas: dict[str, torch.Tensor], lambdas: dict[str, tuple[float, float]],
+                         targets: dict[str, float]) -> torch.Tensor:
+    """The original implementation's formula, written out with Python loops: for each mask type, each row
+    (all but the last logits dimension) has expected sparsity s_r = 1 - mean_u P(z_u != 0), with
+    P(z != 0) = 1 - sigmoid(beta * log(-l / r) - log_alpha) = sigmoid(log_alpha - (2/3) log(0.1 / 1.1)),
+    and the type's penalty is the mean over rows of lambda_1 (s_r - t) + lambda_2 (s_r - t)^2."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, la in log_alphas.items():
+        rows = la.reshape(-1, la.shape[-1])
+        penalties = []
+        for r in range(rows.shape[0]):
+            probs = [torch.sigmoid(rows[r, u].double() - (2 / 3) * math.log(0.1 / 1.1)) for u in range(rows.shape[1])]
+            s_r = 1 - sum(probs) / len(probs)
+            d = s_r - targets[name]
+            penalties.append(lambdas[name][0] * d + lambdas[name][1] * d * d)
+        total = total + sum(penalties) / len(penalties)
+    return total
+
+
+@pytest.mark.parametrize("src,tgt_kw,types", [
+    (TINY_MHA, dict(n_heads=1, n_kv_heads=1, n_layers=2, intermediate_size=2, d_model=4),
+     ["layer", "head", "intermediate", "hidden"]),
+    (TINY_GQA, dict(n_heads=2, n_kv_heads=1, n_layers=1, intermediate_size=2, d_model=4),
+     ["layer", "kv_group", "intermediate", "hidden"]),
+    (TINY_GQA, dict(n_heads=2, n_kv_heads=2, intermediate_size=3), ["query_head", "intermediate"]),
+])
+def test_lagrangian_and_gradients_match_the_original_per_row_formula(src, tgt_kw, types):
+    """Value and gradients (log_alphas and both multipliers) against the brute-force original, on random
+    log-alphas, for every mask type; fp32 module vs fp64 loops: 1e-5 relative."""
+    tgt = src.replace(**tgt_kw)
+    l0 = L0Module(src, tgt, lagrangian_warmup_steps=10)
+    _randomize(l0, 3)
+    lam = {}
     with torch.no_grad():
         for i, n in enumerate(l0.mask_types):
-            l0.lambdas(n)[0].fill_(0.3 + i)
-            l0.lambdas(n)[1].fill_(-0.7 + i)
-    want = 0.0
-    for i, n in enumerate(l0.mask_types):
-        p = torch.sigmoid(l0.log_alpha(n).detach() - (2 / 3) * math.log(0.1 / 1.1))  # independent P(z != 0)
-        s = 1 - float(p.mean())
-        t = l0.specs[n].final_target_sparsity * 0.4
-        want += (0.3 + i) * (s - t) + (-0.7 + i) * (s - t) ** 2
-    lag = l0.lagrangian(step=4)
-    assert lag.dim() == 0 and float(lag) == pytest.approx(want, rel=1e-5)
+            lam[n] = (0.3 + i, -0.7 + 0.5 * i)
+            l0.lambdas(n)[0].fill_(lam[n][0])
+            l0.lambdas(n)[1].fill_(lam[n][1])
+    assert l0.mask_types == types
+    targets = {n: l0.specs[n].final_target_sparsity * 0.4 for n in l0.mask_types}  # step 4 of a 10-step warm-up
+    ours = l0.lagrangian(step=4)
+    ours.backward()
+    las = {n: l0.log_alpha(n).detach().double().clone().requires_grad_(True) for n in l0.mask_types}
+    lam_t = {n: (torch.tensor(a, dtype=torch.float64, requires_grad=True),
+                 torch.tensor(b, dtype=torch.float64, requires_grad=True)) for n, (a, b) in lam.items()}
+    ref = _original_lagrangian(las, lam_t, targets)
+    ref.backward()
+    assert ours.dim() == 0 and float(ours) == pytest.approx(float(ref), rel=1e-5, abs=1e-7)
+    for n in l0.mask_types:
+        torch.testing.assert_close(l0.log_alpha(n).grad.double(), las[n].grad, rtol=1e-5, atol=1e-7, msg=n)
+        for i in range(2):
+            assert float(l0.lambdas(n)[i].grad) == pytest.approx(float(lam_t[n][i].grad), rel=1e-5, abs=1e-7), n
+
+
+def test_quadratic_term_penalises_rows_that_drift_apart():
+    """Two layers at t + 0.2 and t - 0.2: the mean is on target, the per-row penalty is not zero."""
+    tgt = TINY_MHA.replace(intermediate_size=2)
+    l0 = L0Module(TINY_MHA, tgt, ["intermediate"], lagrangian_warmup_steps=0)
+    t = l0.specs["intermediate"].final_target_sparsity
+    q = (2 / 3) * math.log(0.1 / 1.1)
+    with torch.no_grad():  # rows 0, 1, 2 at sparsity t + 0.2, t - 0.2, t: P(z != 0) = 1 - s per unit
+        for r, s in enumerate((t + 0.2, t - 0.2, t)):
+            l0.log_alpha("intermediate")[r].fill_(math.log(1 - s) - math.log(s) + q)
+        l0.lambdas("intermediate")[1].fill_(1.0)
+    rows = l0.expected_sparsity_per_row()["intermediate"]
+    assert torch.allclose(rows, torch.tensor([t + 0.2, t - 0.2, t]), atol=1e-5)
+    assert float(l0.lagrangian()) == pytest.approx((0.04 + 0.04 + 0) / 3, rel=1e-4)
 
 
 def _pruning_setup(shape, tgt, warmup=1):

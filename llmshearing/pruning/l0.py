@@ -21,11 +21,13 @@ Under GQA the per-query-head mask handed to the model is z[l, k*G + g] = z_kv[l,
 deterministic masks keep exactly K_T groups per layer and G_T heads in every group, so the cut model
 is a valid GQA shape. MHA is the special case G = 1, expressed as one [L, H] 'head' mask.
 
-Penalty averaging: the Lagrangian of a mask type is the penalty of the *mean* expected sparsity,
-lambda_1 * (s - t) + lambda_2 * (s - t)^2 with s = 1 - mean(P(z != 0)) over all rows and units
-(one constraint per mask type). The reference took the mean of per-row penalties; the linear terms
-are identical, the quadratic one differs only by the variance of per-row sparsity, which the
-deterministic per-row top-k makes irrelevant for the final shape.
+Penalty per row, as the original: a mask type's Lagrangian is the mean over its rows (one per layer
+for head / kv_group / intermediate, one per (layer, KV group) for query_head, a single row for layer
+and hidden) of lambda_1 * (s_r - t) + lambda_2 * (s_r - t)^2, s_r = 1 - mean P(z != 0) over the row's
+units. The linear term equals the penalty of the mean sparsity; the quadratic one adds the variance
+of the rows, so layers cannot drift apart (half the layers at t + 0.2 and half at t - 0.2 would cost
+nothing with the mean first). That matters because the cut keeps exactly the target count in every
+row: an uneven masked model drops near-1 units in some layers and keeps near-0 ones in others.
 
 Sampling noise: every microbatch draws its own mask sample, from a private generator seeded with
 hash(seed, step, microbatch index), not from the global RNG. The index counts the microbatches of
@@ -303,35 +305,41 @@ class L0Module(nn.Module):
         return {n: spec.final_target_sparsity * frac for n, spec in self.specs.items()}
 
     def lagrangian(self, step: int | None = None) -> torch.Tensor:
-        """sum_m lambda_1m * (s_m - t_m) + lambda_2m * (s_m - t_m)^2 (0-d fp32 tensor); minimised
-        over log_alpha, maximised over the lambdas (negative-lr param group)."""
-        s = self.expected_sparsity_per_type()
+        """sum_m mean_rows[lambda_1m * (s_mr - t_m) + lambda_2m * (s_mr - t_m)^2] (0-d fp32 tensor);
+        minimised over log_alpha, maximised over the lambdas (negative-lr param group)."""
+        s = self.expected_sparsity_per_row()
         t = self.target_sparsity(step)
         total = None
         for n in self.specs:
             l1, l2 = self.lambdas(n)
             d = s[n] - t[n]
-            term = (l1 * d + l2 * d * d).sum()
+            term = (l1 * d + l2 * d * d).mean()
             total = term if total is None else total + term
         return total
 
-    def expected_sparsity_per_type(self) -> dict[str, torch.Tensor]:
-        """expected_sparsity without the (float64) overall entry: what the Lagrangian needs."""
-        return {n: 1 - v.mean() for n, v in self.probs().items()}
+    def expected_sparsity_per_row(self, probs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per mask type, 1 - mean P(z != 0) over the units of each row: a [rows] tensor (rows = all
+        but the last logits dimension; one row for layer and hidden). What the Lagrangian needs."""
+        p = self.probs() if probs is None else probs
+        return {n: 1 - v.reshape(-1, self.specs[n].row_size).mean(-1) for n, v in p.items()}
 
     @torch.no_grad()
     def stats(self, step: int | None = None) -> dict[str, float]:
         """Floats for logging (host syncs: call outside forward). Keys: expected_sparsity/<type>,
+        expected_sparsity_range/<type> (max - min over rows, types with several rows),
         target_sparsity/<type> (warmed-up value at `step`), lambda_1/<type>, lambda_2/<type>,
         expected_sparsity/overall, target_sparsity/overall (final, not warmed up: the overall size is
         not constrained directly), expected_params, target_params, lagrangian."""
         probs = self.probs()
         es = self.expected_sparsity(probs)
+        rows = self.expected_sparsity_per_row(probs)
         ts = self.target_sparsity(step)
         out: dict[str, float] = {}
         for n in self.specs:
             l1, l2 = self.lambdas(n)
             out[f"expected_sparsity/{n}"] = float(es[n])
+            if rows[n].numel() > 1:  # how far the layers (groups) have drifted apart
+                out[f"expected_sparsity_range/{n}"] = float(rows[n].max() - rows[n].min())
             out[f"target_sparsity/{n}"] = ts[n]
             out[f"lambda_1/{n}"] = float(l1.sum())
             out[f"lambda_2/{n}"] = float(l2.sum())
