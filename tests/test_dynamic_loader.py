@@ -103,23 +103,31 @@ def test_domain_counts_follow_proportions(root, workers):
     assert _chi2(counts, props) < CHI2_CRIT_DF2, counts
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_proportion_change_applies_from_recorded_batch(root, workers):
-    dl = _loader(root, [0.5, 0.5, 0.0], num_workers=workers, prefetch_factor=3 if workers else None)
-    sampler = dl.batch_sampler
-    it = iter(dl)
-    before = _take(it, 30)
-    from_batch = sampler.set_proportions([0.0, 0.2, 0.8])
-    # the sampler runs exactly num_workers * prefetch_factor batches ahead of consumption
-    assert from_batch == 30 + (workers * 3)
-    assert sampler.proportion_history == [(0, [0.5, 0.5, 0.0]), (from_batch, [0.0, 0.2, 0.8])]
-    after = _take(it, 100)
-    batches = before + after
+@pytest.mark.parametrize("workers,prefetch", [(0, None), (2, 3), (4, 2)])
+@pytest.mark.parametrize("lag", [0, 2])
+def test_proportion_change_applies_from_the_requested_batch_with_any_workers(root, workers, prefetch, lag):
+    """A change requested after 30 delivered batches for batch 30 + lag is in effect from exactly that
+    batch, although the workers had prefetched batches up to 30 + workers * prefetch under the old
+    proportions: the served samples equal those of a loader without workers given the same change."""
+    def run(w, pf):
+        dl = _loader(root, [0.5, 0.5, 0.0], num_workers=w, prefetch_factor=pf)
+        it = iter(dl)
+        before = _take(it, 30)
+        assert dl.batch_sampler.next_batch == 30 + w * (pf or 0)  # produced ahead of consumption
+        from_batch = dl.batch_sampler.set_proportions([0.0, 0.2, 0.8], from_batch=30 + lag)
+        return dl.batch_sampler, from_batch, before + _take(it, 60)
+
+    sampler, from_batch, batches = run(workers, prefetch)
+    assert from_batch == 30 + lag
+    assert sampler.proportion_history == [(0, [0.5, 0.5, 0.0]), (30 + lag, [0.0, 0.2, 0.8])]
     for i, b in enumerate(batches):
         doms = {d for d, _ in _ident(b)}
         assert 2 not in doms if i < from_batch else 0 not in doms, (i, doms)
     new_counts = np.bincount([d for b in batches[from_batch:] for d, _ in _ident(b)], minlength=3)
     assert _chi2(new_counts, [0.0, 0.2, 0.8]) < CHI2_CRIT_DF2, new_counts
+    if workers:
+        _, _, ref = run(0, None)
+        assert all(_ident(a) == _ident(b) for a, b in zip(batches, ref))
 
 
 def test_domain_draws_match_independent_rule():
@@ -174,7 +182,7 @@ def test_resume_is_exact_with_prefetching_workers(root, change_at):
     seen = []
     for i in range(k):
         if change_at is not None and i == change_at:
-            dl.batch_sampler.set_proportions([0.1, 0.1, 0.8])  # applies at change_at + 4 (prefetch)
+            dl.batch_sampler.set_proportions([0.1, 0.1, 0.8])  # from batch change_at (prefetch redrawn)
         seen.append(next(it))
     assert dl.batch_sampler.next_batch == k + 4  # produced ahead of consumption
     state = dl.dataset.state_dict(num_samples=k * G, from_beginning=True)  # what Composer calls

@@ -81,6 +81,8 @@ def test_resume_after_interruption_matches_uninterrupted(stage, data_root, tmp_p
               "eval_interval=4ba", "loggers.file=false"]
     if stage == "prune":
         common.append("model.init=null")
+    else:  # a random model dir has no domain_weights.json for `proportions: from_model`
+        common.append("data.proportions=[0.34,0.33,0.33]")
     full = _run(yaml, common + [f"save_folder={tmp_path}/full"])
     assert _run(yaml, common + [f"save_folder={tmp_path}/resumed"], stop_at=5) is None  # crashed after batch 4
     assert (tmp_path / "resumed" / "latest-rank0.pt").exists()
@@ -126,3 +128,19 @@ def test_wandb_logger_works_offline(data_root, tmp_path, monkeypatch):
                      f"save_folder={tmp_path}/run", "loggers.wandb={project: llmshearing-test}"])
     assert w is not None
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_loader_workers_do_not_change_the_run(data_root, tmp_path):
+    """12 batches with an evaluation, and so a mixture update, after batches 4 and 8: with 0 and with 2
+    loader workers (which prefetch 4 batches ahead) the run trains on the same batches and ends at the
+    same weights, masks and multipliers (1e-6: same data, same order of operations)."""
+    common = [f"data.root={data_root}", "max_duration=12ba", "eval_interval=4ba", "save_interval=12ba",
+              "loggers.file=false"]
+    a = _run(PRUNE, common + ["data.num_workers=0", f"save_folder={tmp_path}/w0"])
+    b = _run(PRUNE, common + ["data.num_workers=2", f"save_folder={tmp_path}/w2"])
+    hist = [torch.load(tmp_path / d / "latest-rank0.pt", weights_only=False)["state"]["dataset_state"]["train"]
+            ["proportion_history"] for d in ("w0", "w2")]
+    # the evaluation after batch b changes the mixture from batch b on (the one at 12 ends the run)
+    assert hist[0] == hist[1] and [start for start, _ in hist[0]] == [0, 4, 8, 12]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)

@@ -7,8 +7,10 @@ domain name) update the domain weights with an exponentiated-gradient step:
     alpha   = softmax(log w + eta * Delta)
     w_new   = (1 - c) * alpha + c / n        (c = smoothing), renormalised in float64
 
-The new weights are pushed to the `DynamicBatchSampler` in the main process, which applies them
-from its next batch and records the switch in its proportion history. The sampler is the single
+The new weights are pushed to the `DynamicBatchSampler` in the main process for the first batch
+after the evaluation: an evaluation after b trained batches changes the mixture from batch index b
+on (lag 0), whatever num_workers and prefetch_factor are (the loader redraws prefetched batches), and
+the switch is recorded in the sampler's proportion history. The sampler is the single
 source of truth for the weights (it is checkpointed via the train dataset's state), so after a
 resume the callback simply reads them back.
 """
@@ -169,9 +171,11 @@ class DynamicLoadingCallback(Callback):
             return
         if self.update == "doremi":
             new = doremi_update(old, losses, self.target_losses, self.eta, self.smoothing, self.clip_negative)
-            from_batch = sampler.set_proportions(new)
+            at = int(state.timestamp.batch)
+            from_batch = sampler.set_proportions(new, from_batch=at)
             self.num_updates += 1
             metrics["data/update/from_batch"] = float(from_batch)
+            metrics["data/update/lag"] = float(from_batch - at)
             log.info("dynamic loading update %d at batch %d (applies from batch %d): %s", self.num_updates,
                      int(state.timestamp.batch), from_batch,
                      ", ".join(f"{d}: loss {l:.4f} gap {g:+.4f} w {a:.4f}->{b:.4f}"

@@ -11,9 +11,11 @@ in the main process, and checkpointed every used sample id. Here:
   proportions in effect for `b` -- identical on every rank without collectives -- then takes the
   next ids from per-domain seeded permutations (each pass over a domain is without replacement),
   and yields only this rank's contiguous slice of the global batch.
-* Proportion changes apply from the sampler's next batch index and are recorded as a history
-  [(from_batch, proportions)], so every rank (same num_workers / prefetch) and every resumed run
-  switches at the same batch.
+* Proportion changes apply from a batch index the caller names (the dynamic-loading callback: the
+  eval's batch + a fixed lag) and are recorded as a history [(from_batch, proportions)], so every
+  rank and every resumed run switches at the same batch, whatever num_workers / prefetch_factor.
+  Batches the workers prefetched under the old proportions are dropped and drawn again
+  (`DynamicDataLoader`), so the switch never lands later than asked.
 * The state is tiny: seed, batch index, per-domain cursor and pass, proportion history. The sampler
   runs ahead of training (prefetch), so `state_dict(num_samples)` rebuilds the cursors for the
   *consumed* batch count (snapshot of recent batches, or a replay of the domain draws).
@@ -120,6 +122,7 @@ class DynamicBatchSampler(DistributedSampler):
         self.seed = int(seed)
         self.on_exhausted = on_exhausted
         self.snapshot_limit = int(snapshot_limit)
+        self._managed = False  # set by DynamicDataLoader: it redraws stale prefetched batches
         # the DistributedSampler attributes (see the class docstring)
         self.dataset, self.num_replicas, self.epoch, self.shuffle, self.drop_last = None, self.world_size, 0, False, True
         self._history: list[tuple[int, np.ndarray]] = [(0, validate_proportions(proportions, self.domains))]
@@ -129,6 +132,7 @@ class DynamicBatchSampler(DistributedSampler):
     def _reset_position(self, batch: int, consumed: np.ndarray) -> None:
         self._next_batch = int(batch)
         self._delivered = int(batch)  # batches handed to the trainer (tracked by DynamicDataLoader)
+        self._stale_from: int | None = None  # first produced batch drawn under since-changed proportions
         self._consumed = consumed.astype(np.int64).copy()  # samples drawn per domain before _next_batch
         self._base = (self._next_batch, self._consumed.copy())  # replay origin
         self._snapshots: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -155,19 +159,28 @@ class DynamicBatchSampler(DistributedSampler):
 
     def set_proportions(self, proportions: Sequence[float] | Mapping[str, float] | np.ndarray,
                         from_batch: int | None = None) -> int:
-        """Use `proportions` from global batch `from_batch` on (default: the next batch produced).
+        """Use `proportions` from global batch `from_batch` on (default: the next batch the trainer
+        gets; for a sampler iterated without `DynamicDataLoader`, the next batch it yields).
 
-        Returns the batch index the change applies from. Entries scheduled at or after it are replaced.
+        Returns the batch index the change applies from. Entries scheduled at or after it are
+        replaced. Under `DynamicDataLoader`, batches already produced for prefetching from
+        `from_batch` on become stale (`stale`) and are drawn again before they are delivered;
+        a bare sampler cannot take back what it yielded, so there `from_batch` >= the next batch.
         """
         p = validate_proportions(proportions, self.domains)
-        b = self._next_batch if from_batch is None else int(from_batch)
-        if b < self._next_batch:
-            raise ValueError(f"cannot change proportions from batch {b}: batches up to {self._next_batch - 1} "
-                             "were already produced")
+        floor = self._delivered if self._managed else self._next_batch
+        b = floor if from_batch is None else int(from_batch)
+        if b < floor:
+            raise ValueError(f"cannot change proportions from batch {b}: batches up to {floor - 1} were already "
+                             f"{'delivered' if self._managed else 'produced'}")
         self._history = [(fb, q) for fb, q in self._history if fb < b]
         if self._history and np.array_equal(self._history[-1][1], p):
             return b  # no change: keep the history short
         self._history.append((b, p))
+        if b < self._next_batch:
+            self._stale_from = b if self._stale_from is None else min(b, self._stale_from)
+            for k in [k for k in self._snapshots if k > b]:  # they counted draws under the old proportions
+                del self._snapshots[k]
         log.info("domain proportions from batch %d: %s", b,
                  ", ".join(f"{d}={w:.4f}" for d, w in zip(self.domains, p)))
         return b
@@ -244,13 +257,25 @@ class DynamicBatchSampler(DistributedSampler):
         self._next_batch, self._consumed = int(batch), consumed
         for b in [b for b in self._snapshots if b >= batch]:
             del self._snapshots[b]
+        self._stale_from = None
+
+    @property
+    def stale(self) -> bool:
+        """True when the next batch to deliver was produced ahead (prefetch) under proportions that
+        have changed since; the ones before it are still valid."""
+        return self._stale_from is not None and self._delivered >= self._stale_from
+
+    @property
+    def delivered(self) -> int:
+        """Batches handed to the trainer so far (the index of the next one)."""
+        return self._delivered
 
     def mark_delivered(self) -> None:
         self._delivered += 1
 
     def rewind_to_delivered(self) -> None:
         """Forget batches produced for prefetching but never delivered (before a new iteration)."""
-        if self._delivered != self._next_batch:
+        if self._delivered != self._next_batch or self._stale_from is not None:
             log.debug("dynamic sampler: rewinding from batch %d to delivered batch %d",
                       self._next_batch, self._delivered)
             self.seek(self._delivered)
@@ -384,22 +409,38 @@ class MixtureDataset(Dataset):
 
 
 class DynamicDataLoader(DataLoader):
-    """DataLoader whose every new iteration restarts at the first batch not yet delivered.
+    """DataLoader that always delivers the batches the sampler's proportion history says.
 
-    With workers the sampler runs `num_workers * prefetch_factor` batches ahead; a new `iter()`
-    (a second `fit()`, a new epoch) drops those prefetched batches, so without the rewind they
-    would be skipped.
+    With workers the sampler runs `num_workers * prefetch_factor` batches ahead of the trainer.
+    Every new iteration (a second `fit()`, a new epoch) restarts at the first batch not yet
+    delivered, and so does a proportion change that reaches into the prefetched batches: they are
+    dropped and drawn again under the new proportions once the trainer reaches them (the batches
+    before the change are delivered from the prefetch as usual; with persistent workers the redraw
+    re-primes the workers' queues, no process restarts). So a change requested for batch b is in
+    effect from b, with 0 workers or 8.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(self.batch_sampler, DynamicBatchSampler):
+            self.batch_sampler._managed = True
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler
         if not isinstance(sampler, DynamicBatchSampler):
             yield from super().__iter__()
             return
-        sampler.rewind_to_delivered()
-        for batch in super().__iter__():
-            sampler.mark_delivered()
-            yield batch
+        while True:
+            sampler.rewind_to_delivered()
+            for batch in super().__iter__():
+                sampler.mark_delivered()
+                yield batch
+                if sampler.stale:
+                    log.debug("dynamic loader: proportions changed inside the prefetched batches; redrawing "
+                              "from batch %d", sampler.delivered)
+                    break
+            else:
+                return
 
 
 def release_shared_memory(streaming_dataset: Any) -> int:
@@ -507,7 +548,7 @@ def build_train_dataloader(
     split: str = "train",
     *,
     prefetch_factor: int | None = None,
-    persistent_workers: bool = False,
+    persistent_workers: bool = True,
     pin_memory: bool = False,
     vocab_size: int | None = None,
     local_cache: str | os.PathLike | None = None,
