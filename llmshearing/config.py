@@ -7,6 +7,7 @@ batch sizes divide) run before any model is built, so a bad config fails in seco
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,9 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -51,7 +55,9 @@ class PruningSection:
 class DataSection:
     root: str = "???"
     domains: list[str] = field(default_factory=list)
-    proportions: list[float] = field(default_factory=list)
+    # initial domain weights: a list (one per domain), or "from_model": the mixture the pruning run
+    # ended with, saved next to model.path by prune-export (domain_weights.json)
+    proportions: Any = field(default_factory=list)
     seq_len: int = 4096
     train_split: str = "train"
     eval_split: str = "eval"
@@ -253,10 +259,11 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
         raise ConfigError(f"config key 'data.domains': duplicate domain names in {d.domains}")
     from llmshearing.data.dynamic import validate_proportions
 
-    try:
-        validate_proportions(list(d.proportions), list(d.domains))
-    except ValueError as e:
-        raise ConfigError(f"config key 'data.proportions': {e}") from e
+    if check_paths or d.proportions != FROM_MODEL:
+        try:
+            validate_proportions(resolve_proportions(cfg), list(d.domains))
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.proportions': {e}") from e
     if d.seq_len < 2:
         raise ConfigError("config key 'data.seq_len': must be >= 2")
     if d.on_exhausted not in ("stop", "repeat"):
@@ -284,13 +291,73 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
                                   f"found domains {have}")
         from llmshearing.data.prep import check_manifest, load_manifest
 
-        if load_manifest(root) is not None:
+        manifest = load_manifest(root)
+        if manifest is not None:
             for split in (d.train_split, d.eval_split):
                 try:
                     check_manifest(root, seq_len=d.seq_len, domains=list(d.domains), split=split)
                 except ValueError as e:
                     key = "data.seq_len" if "seq_len" in str(e) else "data.domains"
                     raise ConfigError(f"config key '{key}': {e}") from e
+            _check_special_tokens(build_model_config(cfg), manifest, root)
+
+
+def _check_special_tokens(model_cfg, manifest: dict[str, Any], root: Path) -> None:
+    """The data was packed with the model's EOS, and with its BOS when the data has one (the ids
+    a converted Hugging Face model carries in its config); a model with a BOS trained on data
+    packed without it only gets a warning (it works, on a different footing from its pretraining)."""
+    hf = model_cfg.extra_hf if model_cfg is not None else {}
+    tok = manifest.get("tokenizer", {})
+    eos, bos = hf.get("eos_token_id"), hf.get("bos_token_id")
+    if eos is not None and tok.get("eos_id") is not None:
+        allowed = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        if int(tok["eos_id"]) not in [int(x) for x in allowed]:
+            raise ConfigError(f"config key 'data.root': {root} was packed with eos_id={tok['eos_id']} "
+                              f"({tok.get('name')}), the model's config has eos_token_id={eos}: data made with "
+                              "another tokenizer?")
+    packed_bos = bool(manifest.get("packing", {}).get("bos"))
+    if bos is not None and packed_bos and tok.get("bos_id") is not None and int(tok["bos_id"]) != int(bos):
+        raise ConfigError(f"config key 'data.root': {root} was packed with bos_id={tok['bos_id']}, the model's "
+                          f"config has bos_token_id={bos}: data made with another tokenizer?")
+    if bos is not None and not packed_bos:
+        log.warning("the model defines bos_token_id=%s but %s was packed without BOS (prepare-data --bos auto "
+                    "adds it)", bos, root)
+
+
+FROM_MODEL = "from_model"
+
+
+def resolve_proportions(cfg: TrainConfig) -> list[float]:
+    """The run's initial domain weights, in `data.domains` order (reads domain_weights.json for
+    `data.proportions: from_model`)."""
+    d = cfg.data
+    if not isinstance(d.proportions, str):
+        try:
+            return [float(x) for x in d.proportions]
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key 'data.proportions': a list of numbers or '{FROM_MODEL}', "
+                              f"got {d.proportions!r}") from None
+    if d.proportions != FROM_MODEL:
+        raise ConfigError(f"config key 'data.proportions': a list of numbers or '{FROM_MODEL}', got {d.proportions!r}")
+    if cfg.model.path is None:
+        raise ConfigError(f"config key 'data.proportions': '{FROM_MODEL}' needs model.path (a prune-export output)")
+    from llmshearing.convert.checkpoint import DOMAIN_WEIGHTS_NAME, CheckpointError, load_domain_weights
+
+    try:
+        weights = load_domain_weights(cfg.model.path)
+    except CheckpointError as e:
+        raise ConfigError(f"config key 'data.proportions': {e}") from e
+    if weights is None:
+        raise ConfigError(f"config key 'data.proportions': '{FROM_MODEL}' but {cfg.model.path} has no "
+                          f"{DOMAIN_WEIGHTS_NAME} (prune-export writes it from the pruning checkpoint); "
+                          "give the weights as a list instead")
+    missing = [dom for dom in d.domains if dom not in weights]
+    if missing:
+        raise ConfigError(f"config key 'data.proportions': {cfg.model.path}/{DOMAIN_WEIGHTS_NAME} has no weight for "
+                          f"{missing} (it has {sorted(weights)})")
+    w = [weights[dom] for dom in d.domains]
+    total = sum(w)
+    return [x / total for x in w]  # renormalised: the run may use a subset of the pruning run's domains
 
 
 def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:

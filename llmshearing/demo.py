@@ -286,7 +286,6 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
         # reference losses: the source model's own (the maintainers' suggestion when no scaling law is at hand)
         f"dynamic_loading.target_losses=[{','.join(f'{x:.4f}' for x in ref)}]",
     ], loggers=[mem])
-    final_weights = tr.state.train_dataloader.batch_sampler.proportions
     tr.close()
     plot_ok = _plot(mem, out / "pruning.png")
 
@@ -297,12 +296,11 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
     losses["pruned"] = evaluate(pruned, data_root, seq_len)
 
     step(f"7/8 continued pre-training of the cut model ({plan.cpt_steps} steps) and the from-scratch baseline")
-    total = sum(float(w) for w in final_weights)
-    weights = [repr(float(w) / total) for w in final_weights]  # full precision: the config checks sum == 1
+    # the cut model dir carries the pruning run's final mixture: tiny/cpt.yaml starts from it (from_model)
     tr, ccfg = _train("cpt.yaml", common + [
         f"model.path={pruned_dir}", "run_name=cpt", f"save_folder={out}/runs/cpt", f"max_duration={plan.cpt_steps}ba",
         f"save_interval={plan.cpt_steps}ba", f"eval_interval={plan.cpt_steps}ba",
-        f"data.proportions=[{','.join(weights)}]", f"dynamic_loading.target_losses=[{','.join(f'{x:.4f}' for x in ref)}]",
+        f"dynamic_loading.target_losses=[{','.join(f'{x:.4f}' for x in ref)}]",
     ])
     cont_dir = _model_dir_from_trainer(tr, out / "models" / "continued")
     tr.close()
@@ -314,6 +312,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
     torch.manual_seed(1)
     scratch_model = LlamaForCausalLM(pruned.config)
     save_model_dir(scratch_model.state_dict(), scratch_model.config, scratch_init)
+    weights = [repr(w) for w in report["domain_weights"].values()]  # full precision: the config checks sum == 1
     tr, _ = _train("cpt.yaml", common + [
         f"model.path={scratch_init}", "run_name=scratch", f"save_folder={out}/runs/scratch",
         f"max_duration={scratch_steps}ba", f"save_interval={scratch_steps}ba", f"eval_interval={scratch_steps}ba",
@@ -340,7 +339,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
         "out": str(out), "hf_dir": str(hf_dir), "plot": str(out / "pruning.png") if plot_ok else None,
         "losses": losses, "shapes": {k: s.to_dict() for k, s in shapes.items()},
         "params": {k: s.n_params() for k, s in shapes.items()}, "tokens": tokens, "prune_report": report,
-        "final_domain_weights": dict(zip(DOMAINS, map(float, final_weights))), "hf_max_abs_logit_diff": max_diff,
+        "final_domain_weights": report["domain_weights"], "hf_max_abs_logit_diff": max_diff,
         "seconds": round(time.time() - t0, 1), "corpus": corpus,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

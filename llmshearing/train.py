@@ -21,6 +21,7 @@ from llmshearing.config import (
     build_model_config,
     load_config,
     pruning_target,
+    resolve_proportions,
     time_in_batches,
     to_yaml,
     validate,
@@ -106,7 +107,7 @@ def build_dataloaders(cfg: TrainConfig, world_size: int, rank: int):
 
     d = cfg.data
     train_dl = build_train_dataloader(
-        root=d.root, domains=list(d.domains), proportions=list(d.proportions),
+        root=d.root, domains=list(d.domains), proportions=resolve_proportions(cfg),
         global_batch_size=cfg.global_train_batch_size, seq_len=d.seq_len, seed=cfg.seed,
         rank=rank, world_size=world_size, num_workers=d.num_workers, on_exhausted=d.on_exhausted,
         split=d.train_split,

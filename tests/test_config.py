@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from llmshearing.config import ConfigError, load_config, validate
+from llmshearing.convert.checkpoint import save_domain_weights
 from llmshearing.models.config import ModelConfig
 from llmshearing.shape import ModelShape
 
@@ -42,10 +43,13 @@ def overrides_for(path: Path, tmp: Path) -> list[str]:
     raw = load_config_raw(path)
     ov = []
     model_path = raw.get("model", {}).get("path")
+    domains = raw["data"]["domains"]
     if model_path is not None:
         shape = SOURCES.get(model_path, ModelShape(64, 4, 4, 16, 3, 64, 512))
-        ov.append(f"model.path={fake_model_dir(tmp, shape)}")
-    domains = raw["data"]["domains"]
+        mdir = fake_model_dir(tmp, shape)
+        if raw["data"].get("proportions") == "from_model":  # a prune-export output carries the final mixture
+            save_domain_weights(mdir, {d: 1 / len(domains) for d in domains}, source="test")
+        ov.append(f"model.path={mdir}")
     ov.append(f"data.root={fake_data_root(tmp, domains)}")
     return ov
 
@@ -124,3 +128,50 @@ def test_missing_model_dir_is_explained(tmp_path):
 def test_required_key_missing(tmp_path):
     with pytest.raises(ConfigError, match="data.root"):
         load_config(REPO / "yamls/tiny/prune.yaml")
+
+
+def test_proportions_from_model(tmp_path):
+    """`data.proportions: from_model` reads the pruning run's final mixture saved next to the cut model."""
+    from llmshearing.config import resolve_proportions
+
+    path = REPO / "yamls/cpt_1.3b.yaml"
+    ov = overrides_for(path, tmp_path)
+    mdir = next(o.split("=", 1)[1] for o in ov if o.startswith("model.path="))
+    doms = load_config(path, ov).data.domains
+    save_domain_weights(mdir, {d: (i + 1) / 28 for i, d in enumerate(doms)} | {"extra": 0.5}, source="t")
+    cfg = load_config(path, ov)
+    validate(cfg, world_size=8)
+    assert resolve_proportions(cfg) == pytest.approx([(i + 1) / 28 for i in range(7)])  # in data.domains order
+    save_domain_weights(mdir, {"cc": 1.0}, source="t")
+    with pytest.raises(ConfigError, match=r"data.proportions.*no weight for \['github'"):
+        validate(load_config(path, ov), world_size=8)
+    (Path(mdir) / "domain_weights.json").unlink()
+    with pytest.raises(ConfigError, match="data.proportions.*has no domain_weights.json"):
+        validate(load_config(path, ov), world_size=8)
+    with pytest.raises(ConfigError, match="data.proportions.*list of numbers or 'from_model'"):
+        validate(load_config(path, ov + ["data.proportions=fromodel"]), world_size=8)
+
+
+def test_data_and_model_must_agree_on_special_tokens(tmp_path):
+    """A converted HF model carries its bos/eos ids; data packed with other ids is refused."""
+    from _tiny_data import make_tiny_data
+
+    data = make_tiny_data(tmp_path / "tiny")  # packed with the tiny tokenizer: eos 1, BOS 0 added
+    shape = ModelShape(64, 4, 4, 16, 2, 96, 1024)
+
+    def model_dir(name, **ids):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "llmshearing.json").write_text(json.dumps(ModelConfig(shape, extra_hf=ids).to_dict()))
+        (d / "model.safetensors").write_bytes(b"")
+        return d
+
+    base = [f"data.root={data}", "model.init=null", "pruning=null", "dynamic_loading=null"]
+    ok = model_dir("ok", bos_token_id=0, eos_token_id=[7, 1])
+    validate(load_config(REPO / "yamls/tiny/prune.yaml", base + [f"model.path={ok}"]))
+    bad_eos = model_dir("bad_eos", bos_token_id=0, eos_token_id=2)
+    with pytest.raises(ConfigError, match=r"data.root.*eos_id=1.*eos_token_id=2"):
+        validate(load_config(REPO / "yamls/tiny/prune.yaml", base + [f"model.path={bad_eos}"]))
+    bad_bos = model_dir("bad_bos", bos_token_id=5, eos_token_id=1)
+    with pytest.raises(ConfigError, match=r"data.root.*bos_id=0.*bos_token_id=5"):
+        validate(load_config(REPO / "yamls/tiny/prune.yaml", base + [f"model.path={bad_bos}"]))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from llmshearing.config import build_model_config, load_config
-from llmshearing.convert.checkpoint import load_model, save_model_dir
+from llmshearing.convert.checkpoint import load_model, save_domain_weights, save_model_dir
 from llmshearing.models.llama import LlamaForCausalLM
 
 from _tiny_data import DOMAINS, make_tiny_data
@@ -62,6 +62,8 @@ class Runs:
         tgt = pruning_target(src.shape, dict(prune_cfg.pruning.target))
         self.cpt_dir = _random_model_dir(ModelConfig.from_dict({**src.to_dict(), "shape": tgt.to_dict()}),
                                          tmp / "cut", seed=1)
+        # as prune-export leaves it: the CPT yaml starts from this mixture (data.proportions: from_model)
+        save_domain_weights(self.cpt_dir, {"code": 0.5, "legal": 0.25, "prose": 0.25}, source="test")
         self._done: dict[str, dict] = {}
 
     def overrides(self, stage: str, save: Path, nproc: int, micro: int) -> list[str]:
@@ -214,7 +216,9 @@ def test_two_rank_eval_equals_one_rank_eval_of_the_same_rows(runs):
     # every rank computed the same losses and made the same domain-weight updates, bit for bit
     assert two[0]["evals"] == two[1]["evals"]
     assert two[0]["proportion_history"] == two[1]["proportion_history"]
-    assert len(two[0]["proportion_history"]) >= 2  # the eval at batch 0 did update the mixture
+    hist = two[0]["proportion_history"]
+    assert hist[0] == [0, [0.5, 0.25, 0.25]]  # from_model: the mixture saved next to the cut model
+    assert len(hist) >= 2 and hist[1][0] == 0  # eval_first updated it before the first step
 
 
 # ------------------------------------------------------------------------------------- mask sampling

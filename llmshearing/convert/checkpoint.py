@@ -2,8 +2,11 @@
 
 The llmshearing model directory (what `model.path` points to):
 
-    <dir>/llmshearing.json   ModelConfig (shape + rope/norm settings + family)
-    <dir>/model.safetensors  weights under Hugging Face parameter names
+    <dir>/llmshearing.json     ModelConfig (shape + rope/norm settings + family)
+    <dir>/model.safetensors    weights under Hugging Face parameter names
+    <dir>/domain_weights.json  optional, written by prune-export: {domain: weight} the pruning run
+                               ended with; continued pre-training starts from it (`data.proportions:
+                               from_model`)
 
 Safetensors (not pickles) so that loading is safe and can be memory-mapped tensor by tensor.
 
@@ -35,6 +38,7 @@ from llmshearing.models.llama import LlamaForCausalLM
 
 CONFIG_NAME = "llmshearing.json"
 WEIGHTS_NAME = "model.safetensors"
+DOMAIN_WEIGHTS_NAME = "domain_weights.json"  # optional: the mixture a pruning run ended with (prune-export)
 
 
 def save_model_dir(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
@@ -47,6 +51,24 @@ def save_model_dir(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_di
     save_state_dict(sd, out / WEIGHTS_NAME, metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return out
+
+
+def save_domain_weights(out_dir: str | Path, weights: dict[str, float], source: str) -> Path:
+    path = Path(out_dir) / DOMAIN_WEIGHTS_NAME
+    path.write_text(json.dumps({"weights": weights, "source": source}, indent=2) + "\n")
+    return path
+
+
+def load_domain_weights(model_dir: str | Path) -> dict[str, float] | None:
+    """{domain: weight} saved next to a model by prune-export, or None when there is none."""
+    path = Path(model_dir) / DOMAIN_WEIGHTS_NAME
+    if not path.is_file():
+        return None
+    try:
+        w = json.loads(path.read_text())["weights"]
+        return {str(k): float(v) for k, v in w.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a domain-weights file ({{'weights': {{domain: weight}}}}): {e}") from e
 
 
 def is_model_dir(path: str | Path) -> bool:

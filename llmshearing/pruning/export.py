@@ -19,6 +19,7 @@ from llmshearing.convert.checkpoint import (
     CheckpointError,
     model_from_state_dict,
     read_composer_checkpoint,
+    save_domain_weights,
     save_model_dir,
     torch_load,
 )
@@ -57,6 +58,14 @@ def load_masks_file(path: str | Path) -> StructureMasks:
         raise CheckpointError(f"{path}: not a mask file (expected masks_baN.pt from a pruning run): {e}") from e
 
 
+def _final_domain_weights(loader_state: dict[str, Any] | None) -> dict[str, float] | None:
+    """The last mixture in the pruning run's loader state (its proportion history), by domain."""
+    if not loader_state or not loader_state.get("proportion_history") or not loader_state.get("domains"):
+        return None
+    last = loader_state["proportion_history"][-1][1]
+    return {str(d): float(w) for d, w in zip(loader_state["domains"], last)}
+
+
 def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path | None = None,
                   tokenizer_dir: str | Path | None = None, masks_path: str | Path | None = None) -> dict[str, Any]:
     """Cut the pruned model of a Composer checkpoint (full file or sharded folder) and save it;
@@ -68,6 +77,7 @@ def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path
         raise CheckpointError(f"{ckpt_path}: the checkpoint has no pruning setup (ModelInfo.pruning is empty); "
                               "is it a pruning run?")
     model_sd, l0_sd = split_composer_state(ck.model_state)
+    final_weights = _final_domain_weights(ck.dataset_state)
     del ck
     model = model_from_state_dict(cfg, model_sd, source=str(ckpt_path))
     l0 = L0Module.from_config_dict(cfg.shape, pruning, eval_target_model=True)
@@ -92,6 +102,9 @@ def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path
     sd = cut.state_dict()
     save_model_dir(sd, cut.config, out_dir)
     report["out_dir"] = str(out_dir)
+    if final_weights is not None:  # continued pre-training starts from them (data.proportions: from_model)
+        save_domain_weights(out_dir, final_weights, source=str(ckpt_path))
+        report["domain_weights"] = final_weights
     if hf_dir is not None:
         from llmshearing.convert.hf import export_to_hf  # lazy: optional path, heavier imports
 
@@ -110,6 +123,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"parameters: {report['n_params']:,} (source {report['source_n_params']:,})",
         f"wrote {report['out_dir']}" + (f" and {report['hf_dir']}" if report.get("hf_dir") else ""),
     ]
+    if report.get("domain_weights"):
+        weights = ", ".join(f"{d}={w:.4f}" for d, w in report["domain_weights"].items())
+        lines.append(f"final domain weights of the pruning run (domain_weights.json): {weights}")
     return "\n".join(lines)
 
 
