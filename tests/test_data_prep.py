@@ -73,6 +73,29 @@ def prepared(corpus, tmp_path_factory):
     return out, m
 
 
+def test_packing_without_bos(corpus, tmp_path):
+    """bos=False (prepare-data --bos off): doc + EOS, recorded in the manifest; bos=True needs a BOS."""
+    raw, docs, tok_dir = corpus
+    encode, eos, _ = _hf_encode(tok_dir)
+    m = prepare({"book": raw / "book"}, tok_dir, tmp_path / "p", SEQ, eval_fraction=0.0, seed=SEED, progress=False,
+                bos=False, shuffle_files=False)
+    assert m["packing"] == {"bos": False, "document": "doc + EOS"}
+    stream = [t for rel in m["files"]["book"] for text in docs["book"][rel] for t in encode(text) + [eos]]
+    rows, _ = _read_rows(tmp_path / "p" / "train" / "book")
+    assert rows.reshape(-1).tolist() == stream[: rows.size]
+    from llmshearing.data.tokenizer import Tokenizer
+
+    no_bos = tmp_path / "nobos"
+    load_tokenizer(tok_dir)._impl.save_pretrained(no_bos)
+    cfg = json.loads((no_bos / "tokenizer_config.json").read_text())
+    cfg.pop("bos_token", None)
+    (no_bos / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (no_bos / "special_tokens_map.json").unlink(missing_ok=True)
+    assert isinstance(load_tokenizer(no_bos), Tokenizer) and load_tokenizer(no_bos).bos_id is None
+    with pytest.raises(ValueError, match="defines no BOS"):
+        prepare({"book": raw / "book"}, no_bos, tmp_path / "q", SEQ, progress=False, bos=True)
+
+
 def _read_rows(folder) -> tuple[np.ndarray, list[str]]:
     from streaming import StreamingDataset
 
@@ -90,13 +113,15 @@ def _hf_encode(tok_dir):
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
-    return (lambda text: hf(text, add_special_tokens=False)["input_ids"]), hf.eos_token_id
+    return (lambda text: hf(text, add_special_tokens=False)["input_ids"]), hf.eos_token_id, hf.bos_token_id
 
 
 def test_rows_equal_independent_packing(corpus, prepared):
+    """Default packing for a tokenizer with a BOS (like Llama's): BOS + doc + EOS per document."""
     raw, docs, tok_dir = corpus
     out, m = prepared
-    encode, eos = _hf_encode(tok_dir)
+    encode, eos, bos = _hf_encode(tok_dir)
+    assert bos is not None and m["tokenizer"]["bos_id"] == bos and m["packing"]["bos"] is True
     assert m["tokenizer"]["eos_id"] == eos and m["dtype"] == "uint16" and m["seq_len"] == SEQ
     n_eval_docs = n_docs = 0
     for dom in ("cc", "github", "book"):
@@ -108,7 +133,7 @@ def test_rows_equal_independent_packing(corpus, prepared):
                 if key is None:  # byte offset (jsonl) or line number (jsonl.gz) of the document
                     key = i if rel.endswith(".gz") else _byte_offset(raw / dom / rel, i)
                 s = "eval" if doc_is_eval(SEED, dom, rel, key, EVAL_FRACTION) else "train"
-                split_docs[s].append(encode(text) + [eos])
+                split_docs[s].append([bos] + encode(text) + [eos])
         for split, seqs in split_docs.items():
             stream = np.array([t for d in seqs for t in d], np.int64)
             n_rows = len(stream) // SEQ
@@ -148,7 +173,8 @@ def test_decoded_rows_are_source_text(corpus, prepared):
     rows, _ = _read_rows(out / "train" / "book")
     pieces = tok.decode(rows.reshape(-1).tolist()).split("</s>")
     texts = {t for f in docs["book"].values() for t in f}
-    assert len(pieces) > 2 and all(p in texts for p in pieces[:-1])  # last piece is cut by packing
+    assert len(pieces) > 2 and all(p.startswith("<s>") for p in pieces[:-1])  # BOS + doc + EOS
+    assert all(p.removeprefix("<s>") in texts for p in pieces[:-1])  # last piece is cut by packing
 
 
 def test_eval_merge_holds_every_domain(prepared):

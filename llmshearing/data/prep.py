@@ -10,7 +10,9 @@ Why this shape:
 * Documents are assigned to train or eval by a seeded hash of (domain, file, position in file),
   so the split never leaks a document, does not depend on the number of workers or on chunking,
   and is reproducible.
-* Per domain and split, documents are concatenated as `doc + EOS` in a fixed order (files in a
+* Per domain and split, documents are concatenated as `BOS + doc + EOS` (no BOS for tokenizers
+  that define none, or with `bos=False`; Llama tokenizers define one and the original packs it, so
+  per-domain losses are on the footing of the published reference losses) in a fixed order (files in a
   seeded order, documents in file order), packed and cut into `seq_len` rows; the tail shorter
   than a row is dropped and counted. Packing spans files, so short documents (e.g. one `.txt`
   file each) are not lost.
@@ -213,7 +215,7 @@ def iter_documents(task: _Task, text_field: str) -> Iterator[tuple[int, str]]:
 
 @dataclass
 class _TaskResult:
-    """Per split: all documents' tokens (doc + EOS each) concatenated, and the document ends."""
+    """Per split: all documents' tokens ([BOS] + doc + EOS each) concatenated, and the document ends."""
 
     tokens: dict[str, np.ndarray]
     doc_ends: dict[str, np.ndarray]
@@ -239,10 +241,15 @@ def _tokenize_task(task: _Task) -> _TaskResult:
     pending: dict[str, list[str]] = {s: [] for s in SPLITS}
     empty = 0
 
+    bos = cfg.get("bos_id")
+    head = 0 if bos is None else 1
+
     def flush(split: str) -> None:
         for ids in tok.encode_batch(pending[split]):
-            arr = np.empty(len(ids) + 1, dtype=dtype)
-            arr[:-1] = ids
+            arr = np.empty(head + len(ids) + 1, dtype=dtype)
+            if head:
+                arr[0] = bos
+            arr[head:-1] = ids
             arr[-1] = tok.eos_id
             parts[split].append(arr)
             lens[split].append(len(arr))
@@ -431,6 +438,7 @@ def prepare(
     chunk_bytes: int = 64 << 20,
     overwrite: bool = False,
     progress: bool = True,
+    bos: bool | None = None,
 ) -> dict[str, Any]:
     """Tokenize, split, pack and write every domain; returns the manifest (also saved as JSON).
 
@@ -445,6 +453,7 @@ def prepare(
         workers: tokenizer processes (1 = in this process).
         shuffle_files: read files in a seeded random order (so budgets sample across files).
         chunk_bytes: split plain `.jsonl` files bigger than this into separately tokenized chunks.
+        bos: start every document with the tokenizer's BOS; None (default) = when it defines one.
     """
     t0 = time.perf_counter()
     if int(seq_len) < 2:
@@ -468,12 +477,16 @@ def prepare(
 
     files = {d: resolve_domain_files(d, srcs) for d, srcs in dom_sources.items()}
     tok = load_tokenizer(tokenizer)
+    if bos and tok.bos_id is None:
+        raise ValueError(f"bos=True but the tokenizer {tok.path} defines no BOS token")
+    bos_id = tok.bos_id if (bos is None or bos) else None
     dtype = token_dtype(tok.vocab_size)
     out = Path(out).expanduser()
     _prepare_output(out, overwrite)
     with_eval = eval_fraction > 0
 
-    cfg = {"text_field": text_field, "seed": int(seed), "eval_fraction": float(eval_fraction), "dtype": dtype.name}
+    cfg = {"text_field": text_field, "seed": int(seed), "eval_fraction": float(eval_fraction), "dtype": dtype.name,
+           "bos_id": bos_id}
     ordered_files: dict[str, list[str]] = {}
     tasks_per_domain: dict[str, list[_Task]] = {}
     for d in names:
@@ -546,7 +559,8 @@ def prepare(
         "format": MANIFEST_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tokenizer": {"path": tok.path, "name": tok.name, "kind": tok.kind, "sha256": tokenizer_fingerprint(tok.path),
-                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
+        "packing": {"bos": bos_id is not None, "document": "BOS + doc + EOS" if bos_id is not None else "doc + EOS"},
         "seq_len": seq_len,
         "dtype": dtype.name,
         "columns": {"tokens": f"ndarray:{dtype.name}:{seq_len}", "domain": "str"},
@@ -646,7 +660,8 @@ def format_summary(manifest: Mapping[str, Any]) -> str:
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines.append(f"seq_len={manifest['seq_len']} dtype={manifest['dtype']} "
                  f"tokenizer={manifest['tokenizer']['name']} (vocab {manifest['tokenizer']['vocab_size']}, "
-                 f"eos {manifest['tokenizer']['eos_id']}) in {manifest.get('seconds', 0):.1f}s")
+                 f"eos {manifest['tokenizer']['eos_id']}, packed as "
+                 f"{manifest.get('packing', {}).get('document', 'doc + EOS')}) in {manifest.get('seconds', 0):.1f}s")
     return "\n".join(lines)
 
 
@@ -704,6 +719,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         train_tokens=_parse_budget(args.train_tokens, "--train-tokens"), seed=args.seed, workers=args.workers,
         shuffle_files=not args.no_shuffle_files, compression=args.compression, shard_size_limit=args.shard_size,
         chunk_bytes=int(args.chunk_mb * (1 << 20)), overwrite=args.overwrite, progress=not args.quiet,
+        bos={"auto": None, "on": True, "off": False}[args.bos],
     )
     print(format_summary(manifest))
     print(f"wrote {Path(args.out) / MANIFEST_NAME}")
@@ -731,6 +747,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-mb", type=float, default=64.0, help="tokenize big .jsonl files in chunks of this size")
     p.add_argument("--overwrite", action="store_true", help="replace existing prepared data under --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--bos", choices=("auto", "on", "off"), default="auto",
+                   help="start each document with the tokenizer's BOS (auto: when it defines one, as Llama's do)")
 
 
 def register(subparsers: Any) -> None:

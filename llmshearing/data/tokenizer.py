@@ -43,6 +43,7 @@ class Tokenizer:
     vocab_size: int
     kind: str  # "hf" | "sentencepiece"
     _impl: Any = field(repr=False, default=None)
+    bos_id: int | None = None  # None: the tokenizer defines no BOS
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "sentencepiece":
@@ -104,8 +105,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         eos = int(sp.eos_id())
         if eos < 0:
             raise ValueError(f"SentencePiece model {p} defines no EOS piece (eos_id = -1)")
+        bos = int(sp.bos_id())
         return Tokenizer(name=p.stem, path=str(p.resolve()), eos_id=eos, vocab_size=int(sp.get_piece_size()),
-                         kind="sentencepiece", _impl=sp)
+                         kind="sentencepiece", _impl=sp, bos_id=bos if bos >= 0 else None)
     from transformers import AutoTokenizer
 
     try:
@@ -115,7 +117,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {p} defines no EOS token (eos_token is None)")
     return Tokenizer(name=p.name, path=str(p.resolve()), eos_id=int(tok.eos_token_id), vocab_size=len(tok),
-                     kind="hf", _impl=tok)
+                     kind="hf", _impl=tok, bos_id=None if tok.bos_token_id is None else int(tok.bos_token_id))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
