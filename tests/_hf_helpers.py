@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from llmshearing.convert.checkpoint import load_state_dict_strict
-from llmshearing.convert.hf import model_config_from_hf
+from llmshearing.convert.hf_config import model_config_from_hf
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.llama import LlamaForCausalLM
 

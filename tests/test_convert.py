@@ -21,13 +21,8 @@ from _hf_helpers import CASES, hf_case, max_abs_diff, tokens
 from llmshearing.convert import cli as convert_cli
 from llmshearing.convert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, load_model_dir
 from llmshearing.convert.safetensors_writer import SafetensorsStreamWriter
-from llmshearing.convert.hf import (
-    convert_composer_to_hf,
-    convert_hf_to_llmshearing,
-    export_to_hf,
-    hf_config_from_model_config,
-    model_config_from_hf,
-)
+from llmshearing.convert.hf import convert_composer_to_hf, convert_hf_to_llmshearing, export_to_hf
+from llmshearing.convert.hf_config import hf_config_from_model_config, model_config_from_hf
 
 ATOL = 1e-4  # fp32 logits, our model vs transformers
 
@@ -435,3 +430,20 @@ def test_top_level_cli_reports_user_errors_in_one_line(tmp_path: Path, capsys: p
     rc = cli.main(["convert", "hf-to-composer", str(tmp_path / "missing"), str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("llmshearing convert: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied-llama3rope", "mistral-gqa-window", "qwen2-gqa-bias"])
+def test_exported_config_is_what_transformers_writes(name: str, tmp_path: Path) -> None:
+    """Llama-3-style rope scaling, Mistral-style sliding window, Qwen2-style biases: the config.json we
+    write for a model equals the one transformers' save_pretrained writes for it, but for two additions:
+    the legacy `torch_dtype` twin of `dtype` (transformers < 4.56 reads only it) and head_dim written
+    out where the class leaves it null (= hidden_size / heads)."""
+    hf = hf_case(name)
+    hf.save_pretrained(tmp_path / "hf")
+    theirs = json.loads((tmp_path / "hf" / "config.json").read_text())
+    ours = hf_config_from_model_config(model_config_from_hf(theirs), torch.float32)
+    assert ours.pop("torch_dtype") == ours["dtype"] == theirs["dtype"]
+    if theirs.get("head_dim", "absent") is None:
+        assert ours["head_dim"] == theirs["hidden_size"] // theirs["num_attention_heads"]
+        ours["head_dim"] = None
+    assert ours == theirs

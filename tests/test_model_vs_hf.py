@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from _hf_helpers import CASES, BASE, hf_case, hf_model, max_abs_diff, ours_from_hf, tokens, config_of
-from llmshearing.convert.hf import model_config_from_hf
+from llmshearing.convert.hf_config import model_config_from_hf
 
 ATOL = 1e-4  # fp32 logits of O(1) magnitude; observed differences are ~1e-6
 
