@@ -8,7 +8,7 @@ Example:
 
 import sys
 
-from llmshearing.data.prep import main
+from llmshearing.data.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

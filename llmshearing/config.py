@@ -257,7 +257,7 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
         raise ConfigError("config key 'data.domains': list at least one domain")
     if len(set(d.domains)) != len(d.domains):
         raise ConfigError(f"config key 'data.domains': duplicate domain names in {d.domains}")
-    from llmshearing.data.dynamic import validate_proportions
+    from llmshearing.data.sampler import validate_proportions
 
     if check_paths or d.proportions != FROM_MODEL:
         try:
@@ -289,7 +289,7 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
                 have = sorted(p.name for p in (root / split).iterdir()) if (root / split).is_dir() else []
                 raise ConfigError(f"config key 'data.domains': no folder {root / split}/<domain> for {missing}; "
                                   f"found domains {have}")
-        from llmshearing.data.prep import check_manifest, load_manifest
+        from llmshearing.data.manifest import check_manifest, load_manifest
 
         manifest = load_manifest(root)
         if manifest is not None:

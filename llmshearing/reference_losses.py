@@ -108,7 +108,7 @@ def eval_losses(model_dir: str | Path, data_root: str | Path, split: str = "eval
                 batch_size: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Token-mean next-token loss per domain over the first `rows` eval rows (all by default)."""
     from llmshearing.data.dynamic import build_eval_dataloader
-    from llmshearing.data.prep import load_manifest
+    from llmshearing.data.manifest import load_manifest
 
     root = Path(data_root)
     manifest = load_manifest(root)

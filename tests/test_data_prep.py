@@ -15,7 +15,10 @@ import random
 import numpy as np
 import pytest
 
-from llmshearing.data.prep import check_manifest, doc_is_eval, format_summary, prepare, register, token_dtype
+from llmshearing.data.cli import register
+from llmshearing.data.documents import doc_is_eval, token_dtype
+from llmshearing.data.manifest import check_manifest, format_summary
+from llmshearing.data.prep import prepare
 from llmshearing.data.tokenizer import load_tokenizer, train_tokenizer
 
 SEQ = 32
@@ -312,7 +315,6 @@ def test_manifest_refuses_an_empty_split(tmp_path):
     import json as _json
 
     from _tiny_data import make_tiny_data
-    from llmshearing.data.prep import check_manifest
 
     root = make_tiny_data(tmp_path, docs_per_domain=40)
     check_manifest(root, domains=["code"], split="eval")

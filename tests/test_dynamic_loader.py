@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmshearing.data.dynamic import (DomainExhaustedError, DynamicBatchSampler, build_eval_dataloader,
-                                      build_train_dataloader, validate_proportions)
+from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
+from llmshearing.data.sampler import DomainExhaustedError, DynamicBatchSampler, validate_proportions
 
 DOMAINS = ["cc", "github", "book"]
 SIZES = [400, 300, 200]
@@ -273,7 +273,7 @@ def test_stop_raises_through_worker_loader(root):
 
 def test_repeat_starts_new_pass_and_logs(caplog):
     s = DynamicBatchSampler([20, 1000], [0.5, 0.5], 8, seed=0, domains=["tiny", "big"], on_exhausted="repeat")
-    with caplog.at_level(logging.INFO, logger="llmshearing.data.dynamic"):
+    with caplog.at_level(logging.INFO, logger="llmshearing.data.sampler"):
         it = iter(s)
         for _ in range(12):
             next(it)

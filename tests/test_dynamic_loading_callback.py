@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback, doremi_update
-from llmshearing.data.dynamic import DynamicBatchSampler
+from llmshearing.data.sampler import DynamicBatchSampler
 
 
 # ----------------------------------------------------------------------------- update rule

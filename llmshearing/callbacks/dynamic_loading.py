@@ -26,7 +26,8 @@ import numpy as np
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from llmshearing.data.dynamic import DynamicBatchSampler, find_dynamic_sampler, per_domain
+from llmshearing.data.dynamic import find_dynamic_sampler
+from llmshearing.data.sampler import DynamicBatchSampler, per_domain
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,119 @@
+"""`llmshearing prepare-data ...` (and `python data_prep/prepare.py ...`): the command line of
+`llmshearing.data.prep.prepare`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from llmshearing.data.documents import parse_count
+from llmshearing.data.manifest import MANIFEST_NAME, format_summary
+from llmshearing.data.prep import prepare
+
+
+def _parse_kv(items: Iterable[str], what: str) -> list[tuple[str, str]]:
+    out = []
+    for it in items:
+        if "=" not in it:
+            raise ValueError(f"{what} expects NAME=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+def _parse_budget(items: list[str] | None, what: str) -> int | dict[str, str] | None:
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return parse_count(items[0])
+    return dict(_parse_kv(items, what))
+
+
+def _load_domains_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if isinstance(data, Mapping) and "domains" in data and isinstance(data["domains"], Mapping):
+        data = data["domains"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a mapping domain -> folder/pattern (or a 'domains:' key)")
+    return dict(data)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    domains: dict[str, Any] = {}
+    if args.domains_file:
+        domains.update(_load_domains_file(args.domains_file))
+    for k, v in _parse_kv(args.domain or [], "--domain"):
+        if k in domains:
+            raise ValueError(f"domain '{k}' given twice")
+        domains[k] = v
+    if not domains:
+        raise ValueError("give at least one --domain NAME=PATH or --domains-file")
+    manifest = prepare(
+        domains, args.tokenizer, args.out, args.seq_len, text_field=args.text_field,
+        eval_fraction=args.eval_fraction, eval_sequences=_parse_budget(args.eval_sequences, "--eval-sequences"),
+        train_tokens=_parse_budget(args.train_tokens, "--train-tokens"), seed=args.seed, workers=args.workers,
+        shuffle_files=not args.no_shuffle_files, compression=args.compression, shard_size_limit=args.shard_size,
+        chunk_bytes=int(args.chunk_mb * (1 << 20)), overwrite=args.overwrite, progress=not args.quiet,
+        bos={"auto": None, "on": True, "off": False}[args.bos],
+    )
+    print(format_summary(manifest))
+    print(f"wrote {Path(args.out) / MANIFEST_NAME}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--domain", action="append", metavar="NAME=PATH",
+                   help="domain and its folder / glob / file (repeatable; order = domain order)")
+    p.add_argument("--domains-file", help="yaml/json mapping domain -> folder/pattern (or list)")
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer dir or SentencePiece .model")
+    p.add_argument("--out", required=True, help="output root")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--text-field", default="text", help="jsonl field holding the document text")
+    p.add_argument("--eval-fraction", type=float, default=0.01, help="probability a document goes to eval")
+    p.add_argument("--eval-sequences", action="append", metavar="N|NAME=N",
+                   help="eval rows per domain (one number for all, or NAME=N repeatable)")
+    p.add_argument("--train-tokens", action="append", metavar="N|NAME=N",
+                   help="train token budget per domain, e.g. 0.4B or cc=268M (repeatable)")
+    p.add_argument("--seed", type=int, default=17)
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    p.add_argument("--no-shuffle-files", action="store_true", help="read files in sorted order")
+    p.add_argument("--compression", default=None, help="MDS compression, e.g. zstd (default: none)")
+    p.add_argument("--shard-size", default="64mb", help="MDS shard size limit")
+    p.add_argument("--chunk-mb", type=float, default=64.0, help="tokenize big .jsonl files in chunks of this size")
+    p.add_argument("--overwrite", action="store_true", help="replace existing prepared data under --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--bos", choices=("auto", "on", "off"), default="auto",
+                   help="start each document with the tokenizer's BOS (auto: when it defines one, as Llama's do)")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("prepare-data", help="tokenize raw documents per domain into MDS shards",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.set_defaults(func=_run_cli)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (`python data_prep/prepare.py ...`), same options as the sub-command."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="prepare-data", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return _run_cli(args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"prepare-data: error: {e}", file=sys.stderr)
+        return 2
