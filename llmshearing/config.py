@@ -10,11 +10,28 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
+from composer.core import Time, TimeUnit
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from llmshearing.convert.checkpoint import (
+    CONFIG_NAME,
+    DOMAIN_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    is_model_dir,
+    load_domain_weights,
+    load_model_config,
+)
+from llmshearing.data.manifest import check_manifest, load_manifest
+from llmshearing.data.sampler import validate_proportions
+from llmshearing.models.config import ModelConfig
+from llmshearing.pruning.target import validate_target
+from llmshearing.shape import ModelShape, ShapeError
 
 
 log = logging.getLogger(__name__)
@@ -22,6 +39,38 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A run config that cannot work; the message names the key."""
+
+
+# String choices, typed: OmegaConf refuses any other value when the config is loaded, naming the key
+# and the allowed values ("Invalid value 'bf16', expected one of [amp_bf16, amp_fp16, fp32]"). Each
+# member's name is its value, and the members are strings, so they compare and pass on as plain str.
+class Precision(str, Enum):
+    amp_bf16 = "amp_bf16"
+    amp_fp16 = "amp_fp16"
+    fp32 = "fp32"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class ShardingStrategy(str, Enum):
+    FULL_SHARD = "FULL_SHARD"
+    SHARD_GRAD_OP = "SHARD_GRAD_OP"
+    NO_SHARD = "NO_SHARD"
+    HYBRID_SHARD = "HYBRID_SHARD"
+
+
+class OnExhausted(str, Enum):
+    stop = "stop"
+    repeat = "repeat"
+
+
+class MixtureUpdate(str, Enum):
+    doremi = "doremi"
+    constant = "constant"
 
 
 @dataclass
@@ -62,7 +111,7 @@ class DataSection:
     train_split: str = "train"
     eval_split: str = "eval"
     num_workers: int = 8
-    on_exhausted: str = "stop"  # or "repeat"
+    on_exhausted: OnExhausted = OnExhausted.stop
     # rows of every domain's eval split used per evaluation (the first N, all ranks together, so the
     # same rows whatever the world size); None: the whole split
     eval_rows_per_domain: Optional[int] = None
@@ -70,7 +119,7 @@ class DataSection:
 
 @dataclass
 class DynamicLoadingSection:
-    update: str = "doremi"  # or "constant"
+    update: MixtureUpdate = MixtureUpdate.doremi
     target_losses: list[float] = field(default_factory=list)
     eta: float = 1.0
     smoothing: float = 1e-4
@@ -93,7 +142,7 @@ class SchedulerSection:
 
 @dataclass
 class FSDPSection:
-    sharding_strategy: str = "FULL_SHARD"
+    sharding_strategy: ShardingStrategy = ShardingStrategy.FULL_SHARD
     mixed_precision: str = "DEFAULT"
     activation_checkpointing: bool = True
     state_dict_type: str = "full"
@@ -128,8 +177,8 @@ class TrainConfig:
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = 1
     autoresume: bool = True
-    precision: str = "amp_bf16"
-    device: str = "auto"  # auto | cpu | gpu
+    precision: Precision = Precision.amp_bf16
+    device: Device = Device.auto
     dist_timeout: float = 1800.0  # seconds a collective may wait (rank 0 loading a 7B source, slow saves)
     fsdp: Optional[FSDPSection] = field(default_factory=FSDPSection)
     grad_clip_norm: Optional[float] = 1.0
@@ -162,15 +211,16 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 
 def time_in_batches(value: str, key: str, max_batches: int | None = None) -> int:
-    """'640ba' -> 640; '0.2dur' -> 0.2 * max_batches. Pruning warm-up and schedules need batches."""
-    v = value.strip()
+    """'640ba' -> 640; '0.2dur' -> 0.2 * max_batches (Composer's time strings). The pruning warm-up,
+    the schedules and the intervals are counted in batches, so other units are refused."""
     try:
-        if v.endswith("ba"):
-            return int(v[:-2])
-        if v.endswith("dur") and max_batches is not None:
-            return int(round(float(v[:-3]) * max_batches))
-    except ValueError:
-        pass
+        t = Time.from_timestring(str(value).strip())
+    except (ValueError, TypeError):
+        t = None
+    if t is not None and t.unit == TimeUnit.BATCH:
+        return int(t.value)
+    if t is not None and t.unit == TimeUnit.DURATION and max_batches is not None:
+        return int(round(float(t.value) * max_batches))
     raise ConfigError(f"config key '{key}': expected a number of batches like '640ba'"
                       f"{' or a fraction like 0.2dur' if max_batches is not None else ''}, got {value!r}")
 
@@ -180,10 +230,6 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) ->
     _check_model(cfg, check_paths)
     _check_batches(cfg, world_size)
     _check_data(cfg, check_paths)
-    if cfg.precision not in ("amp_bf16", "amp_fp16", "fp32"):
-        raise ConfigError(f"config key 'precision': must be amp_bf16, amp_fp16 or fp32, got {cfg.precision!r}")
-    if cfg.device not in ("auto", "cpu", "gpu"):
-        raise ConfigError(f"config key 'device': must be auto, cpu or gpu, got {cfg.device!r}")
     max_ba = time_in_batches(cfg.max_duration, "max_duration")
     if max_ba <= 0:
         raise ConfigError("config key 'max_duration': must be > 0 batches")
@@ -195,8 +241,6 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) ->
         raise ConfigError("config key 'optimizer.lr': must be > 0")
     if cfg.pruning is not None:
         _check_pruning(cfg, max_ba)
-    if cfg.fsdp is not None and cfg.fsdp.sharding_strategy not in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):
-        raise ConfigError(f"config key 'fsdp.sharding_strategy': unknown strategy {cfg.fsdp.sharding_strategy!r}")
 
 
 def _check_model(cfg: TrainConfig, check_paths: bool) -> None:
@@ -205,8 +249,6 @@ def _check_model(cfg: TrainConfig, check_paths: bool) -> None:
         raise ConfigError("config key 'model': set exactly one of 'model.path' (a converted model dir) "
                           "or 'model.init' (random init from a shape)")
     if m.path is not None and check_paths:
-        from llmshearing.convert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_model_dir
-
         if not is_model_dir(m.path):
             raise ConfigError(f"config key 'model.path': {m.path} is not an llmshearing model directory "
                               f"(needs {CONFIG_NAME} and {WEIGHTS_NAME}; create one with "
@@ -216,12 +258,7 @@ def _check_model(cfg: TrainConfig, check_paths: bool) -> None:
 
 def build_model_config(cfg: TrainConfig, check_paths: bool = True):
     """The source ModelConfig of the run (from model.path or model.init)."""
-    from llmshearing.models.config import ModelConfig
-    from llmshearing.shape import ModelShape, ShapeError
-
     if cfg.model.path is not None:
-        from llmshearing.convert.checkpoint import load_model_config
-
         if not check_paths and not Path(cfg.model.path).exists():
             return None
         return load_model_config(cfg.model.path)
@@ -257,8 +294,6 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
         raise ConfigError("config key 'data.domains': list at least one domain")
     if len(set(d.domains)) != len(d.domains):
         raise ConfigError(f"config key 'data.domains': duplicate domain names in {d.domains}")
-    from llmshearing.data.sampler import validate_proportions
-
     if check_paths or d.proportions != FROM_MODEL:
         try:
             validate_proportions(resolve_proportions(cfg), list(d.domains))
@@ -266,16 +301,12 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
             raise ConfigError(f"config key 'data.proportions': {e}") from e
     if d.seq_len < 2:
         raise ConfigError("config key 'data.seq_len': must be >= 2")
-    if d.on_exhausted not in ("stop", "repeat"):
-        raise ConfigError(f"config key 'data.on_exhausted': must be 'stop' or 'repeat', got {d.on_exhausted!r}")
     if d.num_workers < 0:
         raise ConfigError("config key 'data.num_workers': must be >= 0")
     if d.eval_rows_per_domain is not None and d.eval_rows_per_domain < 1:
         raise ConfigError("config key 'data.eval_rows_per_domain': must be >= 1 (or null for the whole eval split)")
     dl = cfg.dynamic_loading
     if dl is not None:
-        if dl.update not in ("doremi", "constant"):
-            raise ConfigError(f"config key 'dynamic_loading.update': must be 'doremi' or 'constant', got {dl.update!r}")
         if dl.update == "doremi" and len(dl.target_losses) != len(d.domains):
             raise ConfigError(f"config key 'dynamic_loading.target_losses': {len(dl.target_losses)} values for "
                               f"{len(d.domains)} domains {d.domains} (give one reference loss per domain)")
@@ -289,8 +320,6 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
                 have = sorted(p.name for p in (root / split).iterdir()) if (root / split).is_dir() else []
                 raise ConfigError(f"config key 'data.domains': no folder {root / split}/<domain> for {missing}; "
                                   f"found domains {have}")
-        from llmshearing.data.manifest import check_manifest, load_manifest
-
         manifest = load_manifest(root)
         if manifest is not None:
             for split in (d.train_split, d.eval_split):
@@ -341,8 +370,6 @@ def resolve_proportions(cfg: TrainConfig) -> list[float]:
         raise ConfigError(f"config key 'data.proportions': a list of numbers or '{FROM_MODEL}', got {d.proportions!r}")
     if cfg.model.path is None:
         raise ConfigError(f"config key 'data.proportions': '{FROM_MODEL}' needs model.path (a prune-export output)")
-    from llmshearing.convert.checkpoint import DOMAIN_WEIGHTS_NAME, CheckpointError, load_domain_weights
-
     try:
         weights = load_domain_weights(cfg.model.path)
     except CheckpointError as e:
@@ -361,8 +388,6 @@ def resolve_proportions(cfg: TrainConfig) -> list[float]:
 
 
 def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:
-    from llmshearing.shape import ShapeError
-
     pr = cfg.pruning
     if pr.lag_lr <= 0:
         raise ConfigError("config key 'pruning.lag_lr': must be > 0 (the multipliers use -lag_lr for ascent)")
@@ -380,8 +405,6 @@ def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:
     except (ShapeError, TypeError) as e:
         raise ConfigError(f"config key 'pruning.target': {e}") from e
     try:
-        from llmshearing.pruning.target import validate_target
-
         validate_target(src, target, list(pr.modules))
     except ShapeError as e:
         raise ConfigError(f"config key 'pruning.target': {e}") from e
@@ -392,8 +415,6 @@ def pruning_target(source, target: dict[str, Any]):
     d = source.to_dict()
     unknown = set(target) - set(d)
     if unknown:
-        from llmshearing.shape import ShapeError
-
         raise ShapeError(f"unknown target keys {sorted(unknown)}; valid: {sorted(d)}")
     d.update(dict(target))
     return type(source).from_dict(d)

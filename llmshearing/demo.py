@@ -26,6 +26,18 @@ from typing import Any, Iterator
 
 import torch
 
+from llmshearing.convert.checkpoint import load_model, save_model_dir
+from llmshearing.data.dynamic import build_eval_dataloader
+from llmshearing.data.prep import prepare
+from llmshearing.data.tokenizer import train_tokenizer
+from llmshearing.models.llama import LlamaForCausalLM
+from llmshearing.pruning.export import export_pruned
+from llmshearing.shape import format_params
+
+# Composer (through llmshearing.config / .train) and transformers' models are imported inside the
+# functions that use them: this module is imported by `llmshearing --help` and every sub-command
+# (it registers `demo`), and those imports cost seconds (measured: `import llmshearing.train` ~4 s
+# on 2 cores, against ~1.5 s for the whole `llmshearing --help`).
 
 DOMAINS = ("code", "legal", "prose")
 MARKER = ".llmshearing-demo"
@@ -151,8 +163,6 @@ def _train(yaml_name: str, overrides: list[str], loggers=()):
 
 
 def _model_dir_from_trainer(trainer, out: Path) -> Path:
-    from llmshearing.convert.checkpoint import save_model_dir
-
     m = trainer.state.model.model
     save_model_dir(m.state_dict(), m.config, out)
     return out
@@ -163,7 +173,6 @@ def evaluate(model, data_root: Path, seq_len: int, split: str = "eval") -> dict[
     """Token-averaged next-token loss per domain over the whole eval split."""
     import torch.nn.functional as F
 
-    from llmshearing.data.dynamic import build_eval_dataloader
     from llmshearing.models.composer_model import shift_targets
 
     model.eval()
@@ -224,123 +233,154 @@ def _prepare_out(out: Path, keep: bool) -> None:
     (out / MARKER).write_text("made by `llmshearing demo`; safe to delete\n")
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = False) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """What every stage needs: where, how long, the data, the step printer."""
+
+    out: Path
+    plan: DemoPlan
+    t0: float
+    data_root: Path | None = None
+    seq_len: int = 0
+    common: tuple[str, ...] = ()
+
+    def step(self, msg: str) -> None:
+        print(f"[demo {time.time() - self.t0:6.1f}s] {msg}", flush=True)
+
+
+def _stage_data(r: _Run) -> tuple[dict[str, dict[str, int]], Path]:
+    """1-3: corpus, tokenizer, MDS shards."""
+    r.step("1/8 building a corpus from text on this machine (stdlib code, licenses, package descriptions)")
+    corpus = build_corpus(r.out / "raw", r.plan.chars_per_domain)
+    r.step("    " + ", ".join(f"{d}: {s['documents']} docs / {s['chars']:,} chars" for d, s in corpus.items()))
+    r.step("2/8 training a byte-level BPE tokenizer")
+    texts = [json.loads(line)["text"] for dom in DOMAINS for line in open(r.out / "raw" / dom / "docs.jsonl")]
+    tok_dir = Path(train_tokenizer(texts, vocab_size=r.plan.vocab_size, out_dir=r.out / "tokenizer"))
+    r.step("3/8 tokenizing into MDS shards (train / eval per domain)")
+    r.seq_len = _tiny_config("prune.yaml").data.seq_len
+    r.data_root = r.out / "data"
+    prepare({d: str(r.out / "raw" / d) for d in DOMAINS}, str(tok_dir), str(r.data_root), r.seq_len,
+            eval_fraction=0.1, eval_sequences=r.plan.eval_seqs_per_domain, seed=0, workers=1, progress=False)
+    # Composer's console logs off (each run's metrics are in runs/<stage>/logs-rank0.txt)
+    r.common = (f"data.root={r.data_root}", "loggers.console=false", "autoresume=false")
+    return corpus, tok_dir
+
+
+def _stage_source(r: _Run) -> Path:
+    """4: a source model trained well beyond the pruning + continued pre-training budget, as a real
+    pretrained source is."""
+    from llmshearing.config import build_model_config
+
+    r.step(f"4/8 training the source model ({r.plan.source_steps} steps)")
+    init_dir = r.out / "models" / "source-init"
+    m = LlamaForCausalLM(build_model_config(_tiny_config("prune.yaml")))
+    save_model_dir(m.state_dict(), m.config, init_dir)
+    n = r.plan.source_steps
+    tr, _ = _train("cpt.yaml", [*r.common, f"model.path={init_dir}", "run_name=source", f"save_folder={r.out}/runs/source",
+                                f"max_duration={n}ba", f"save_interval={n}ba", f"eval_interval={n}ba",
+                                "dynamic_loading=null", "data.proportions=[0.34,0.33,0.33]", "eval_first=false"])
+    src_dir = _model_dir_from_trainer(tr, r.out / "models" / "source")
+    tr.close()
+    return src_dir
+
+
+def _stage_prune(r: _Run, src_dir: Path, ref: list[float]) -> tuple[Path, bool]:
+    """5: pruning with dynamic batch loading; returns the checkpoint and whether the plot was made."""
     from composer.loggers import InMemoryLogger
 
-    from llmshearing.convert.checkpoint import load_model, save_model_dir
-    from llmshearing.data.prep import prepare
-    from llmshearing.data.tokenizer import train_tokenizer
-    from llmshearing.models.llama import LlamaForCausalLM
-    from llmshearing.pruning.export import export_pruned
+    n = r.plan.prune_steps
+    r.step(f"5/8 pruning {load_model(src_dir, weights=False).config.shape.summary()} -> target ({n} steps, "
+           "dynamic loading)")
+    mem = InMemoryLogger()
+    tr, pcfg = _train("prune.yaml", [
+        *r.common, f"model.path={src_dir}", "model.init=null", "run_name=prune", f"save_folder={r.out}/runs/prune",
+        f"max_duration={n}ba", f"save_interval={n}ba", f"eval_interval={max(n // 5, 1)}ba",
+        # reference losses: the source model's own (the maintainers' suggestion when no scaling law is at hand)
+        _target_losses(ref),
+    ], loggers=[mem])
+    tr.close()
+    return Path(pcfg.save_folder) / "latest-rank0.pt", _plot(mem, r.out / "pruning.png")
 
-    plan = QUICK if quick else FULL
+
+def _stage_continue(r: _Run, pruned_dir: Path, ref: list[float], weights: dict[str, float]) -> tuple[Path, Path, Path]:
+    """7: continued pre-training of the cut model, and the from-scratch baseline of the same shape
+    on the pruning + continued pre-training token budget. Returns (CPT checkpoint, CPT model dir,
+    scratch model dir)."""
+    n = r.plan.cpt_steps
+    r.step(f"7/8 continued pre-training of the cut model ({n} steps) and the from-scratch baseline")
+    # the cut model dir carries the pruning run's final mixture: tiny/cpt.yaml starts from it (from_model)
+    tr, ccfg = _train("cpt.yaml", [*r.common, f"model.path={pruned_dir}", "run_name=cpt",
+                                   f"save_folder={r.out}/runs/cpt", f"max_duration={n}ba", f"save_interval={n}ba",
+                                   f"eval_interval={n}ba", _target_losses(ref)])
+    cont_dir = _model_dir_from_trainer(tr, r.out / "models" / "continued")
+    tr.close()
+    scratch_steps = r.plan.prune_steps + n
+    scratch_init = r.out / "models" / "scratch-init"
+    torch.manual_seed(1)
+    m = LlamaForCausalLM(load_model(pruned_dir, weights=False).config)
+    save_model_dir(m.state_dict(), m.config, scratch_init)
+    props = ",".join(repr(w) for w in weights.values())  # full precision: the config checks sum == 1
+    tr, _ = _train("cpt.yaml", [*r.common, f"model.path={scratch_init}", "run_name=scratch",
+                                f"save_folder={r.out}/runs/scratch", f"max_duration={scratch_steps}ba",
+                                f"save_interval={scratch_steps}ba", f"eval_interval={scratch_steps}ba",
+                                f"data.proportions=[{props}]", _target_losses(ref)])
+    scratch_dir = _model_dir_from_trainer(tr, r.out / "models" / "scratch")
+    tr.close()
+    return Path(ccfg.save_folder) / "latest-rank0.pt", cont_dir, scratch_dir
+
+
+def _target_losses(ref: list[float]) -> str:
+    return f"dynamic_loading.target_losses=[{','.join(f'{x:.4f}' for x in ref)}]"
+
+
+def _tiny_config(name: str):
+    """A tiny yaml as loaded with placeholder paths (for its shapes and batch sizes)."""
+    from llmshearing.config import load_config
+
+    return load_config(_yaml(name), ["data.root=x", "model.path=x"] if name == "cpt.yaml" else ["data.root=x"])
+
+
+def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = False) -> dict[str, Any]:
+    from llmshearing.convert.hf import convert_composer_to_hf
+
     out = Path(out).resolve()
     _prepare_out(out, keep)
-    t0 = time.time()
+    r = _Run(out=out, plan=QUICK if quick else FULL, t0=time.time())
     torch.manual_seed(0)
     # Lock CPU threads so timings and results don't depend on the machine's core count.
     torch.set_num_threads(min(4, os.cpu_count() or 1))
-
-    def step(msg: str) -> None:
-        print(f"[demo {time.time() - t0:6.1f}s] {msg}", flush=True)
-
-    step("1/8 building a corpus from text on this machine (stdlib code, licenses, package descriptions)")
-    corpus = build_corpus(out / "raw", plan.chars_per_domain)
-    step("    " + ", ".join(f"{d}: {s['documents']} docs / {s['chars']:,} chars" for d, s in corpus.items()))
-
-    step("2/8 training a byte-level BPE tokenizer")
-    texts = [json.loads(line)["text"] for dom in DOMAINS for line in open(out / "raw" / dom / "docs.jsonl")]
-    tok_dir = Path(train_tokenizer(texts, vocab_size=plan.vocab_size, out_dir=out / "tokenizer"))
-
-    step("3/8 tokenizing into MDS shards (train / eval per domain)")
-    from llmshearing.config import build_model_config, load_config
-
-    base = load_config(_yaml("prune.yaml"), ["data.root=x"])  # source shape and seq_len of the tiny yamls
-    seq_len = base.data.seq_len
-    data_root = out / "data"
-    prepare({d: str(out / "raw" / d) for d in DOMAINS}, str(tok_dir), str(data_root), seq_len, eval_fraction=0.1,
-            eval_sequences=plan.eval_seqs_per_domain, seed=0, workers=1, progress=False)
-
-    # Composer's console logs off (each run's metrics are in runs/<stage>/logs-rank0.txt)
-    common = [f"data.root={data_root}", "loggers.console=false", "autoresume=false"]
-
-    step(f"4/8 training the source model ({plan.source_steps} steps)")
-    init_dir = out / "models" / "source-init"
-    src_model = LlamaForCausalLM(build_model_config(base))
-    save_model_dir(src_model.state_dict(), src_model.config, init_dir)
-    tr, _ = _train("cpt.yaml", common + [f"model.path={init_dir}", "run_name=source", f"save_folder={out}/runs/source",
-                                          f"max_duration={plan.source_steps}ba", f"save_interval={plan.source_steps}ba",
-                                          f"eval_interval={plan.source_steps}ba", "dynamic_loading=null"])
-    src_dir = _model_dir_from_trainer(tr, out / "models" / "source")
-    tr.close()
-    source = load_model(src_dir)
-    losses = {"source": evaluate(source, data_root, seq_len)}
+    corpus, tok_dir = _stage_data(r)
+    models = {"source": _stage_source(r)}
+    losses = {"source": evaluate(load_model(models["source"]), r.data_root, r.seq_len)}
     ref = [losses["source"][d] for d in DOMAINS]
+    prune_ckpt, plot_ok = _stage_prune(r, models["source"], ref)
 
-    step(f"5/8 pruning {source.config.shape.summary()} -> target ({plan.prune_steps} steps, dynamic loading)")
-    mem = InMemoryLogger()
-    tr, pcfg = _train("prune.yaml", common + [
-        f"model.path={src_dir}", "model.init=null", "run_name=prune", f"save_folder={out}/runs/prune",
-        f"max_duration={plan.prune_steps}ba", f"save_interval={plan.prune_steps}ba",
-        f"eval_interval={max(plan.prune_steps // 5, 1)}ba",
-        # reference losses: the source model's own (the maintainers' suggestion when no scaling law is at hand)
-        f"dynamic_loading.target_losses=[{','.join(f'{x:.4f}' for x in ref)}]",
-    ], loggers=[mem])
-    tr.close()
-    plot_ok = _plot(mem, out / "pruning.png")
+    r.step("6/8 cutting the masked model to the target shape (prune-export)")
+    models["pruned"] = out / "models" / "pruned"
+    report = export_pruned(str(prune_ckpt), str(models["pruned"]))
+    losses["pruned"] = evaluate(load_model(models["pruned"]), r.data_root, r.seq_len)
 
-    step("6/8 cutting the masked model to the target shape (prune-export)")
-    pruned_dir = out / "models" / "pruned"
-    report = export_pruned(str(Path(pcfg.save_folder) / "latest-rank0.pt"), str(pruned_dir))
-    pruned = load_model(pruned_dir)
-    losses["pruned"] = evaluate(pruned, data_root, seq_len)
+    cpt_ckpt, models["continued"], models["scratch"] = _stage_continue(r, models["pruned"], ref,
+                                                                       report["domain_weights"])
+    for k in ("continued", "scratch"):
+        losses[k] = evaluate(load_model(models[k]), r.data_root, r.seq_len)
 
-    step(f"7/8 continued pre-training of the cut model ({plan.cpt_steps} steps) and the from-scratch baseline")
-    # the cut model dir carries the pruning run's final mixture: tiny/cpt.yaml starts from it (from_model)
-    tr, ccfg = _train("cpt.yaml", common + [
-        f"model.path={pruned_dir}", "run_name=cpt", f"save_folder={out}/runs/cpt", f"max_duration={plan.cpt_steps}ba",
-        f"save_interval={plan.cpt_steps}ba", f"eval_interval={plan.cpt_steps}ba",
-        f"dynamic_loading.target_losses=[{','.join(f'{x:.4f}' for x in ref)}]",
-    ])
-    cont_dir = _model_dir_from_trainer(tr, out / "models" / "continued")
-    tr.close()
-    continued = load_model(cont_dir)
-    losses["continued"] = evaluate(continued, data_root, seq_len)
-
-    scratch_steps = plan.prune_steps + plan.cpt_steps
-    scratch_init = out / "models" / "scratch-init"
-    torch.manual_seed(1)
-    scratch_model = LlamaForCausalLM(pruned.config)
-    save_model_dir(scratch_model.state_dict(), scratch_model.config, scratch_init)
-    weights = [repr(w) for w in report["domain_weights"].values()]  # full precision: the config checks sum == 1
-    tr, _ = _train("cpt.yaml", common + [
-        f"model.path={scratch_init}", "run_name=scratch", f"save_folder={out}/runs/scratch",
-        f"max_duration={scratch_steps}ba", f"save_interval={scratch_steps}ba", f"eval_interval={scratch_steps}ba",
-        f"data.proportions=[{','.join(weights)}]", f"dynamic_loading.target_losses=[{','.join(f'{x:.4f}' for x in ref)}]",
-    ])
-    scratch_dir = _model_dir_from_trainer(tr, out / "models" / "scratch")
-    tr.close()
-    losses["scratch"] = evaluate(load_model(scratch_dir), data_root, seq_len)
-
-    step("8/8 exporting the continued model to Hugging Face and checking its logits")
-    from llmshearing.convert.hf import convert_composer_to_hf
-
+    r.step("8/8 exporting the continued model to Hugging Face and checking its logits")
     hf_dir = out / "hf"
-    convert_composer_to_hf(str(Path(ccfg.save_folder) / "latest-rank0.pt"), str(hf_dir), tokenizer_dir=str(tok_dir))
-    max_diff = _check_hf(hf_dir, continued)
+    convert_composer_to_hf(str(cpt_ckpt), str(hf_dir), tokenizer_dir=str(tok_dir))
+    max_diff = _check_hf(hf_dir, load_model(models["continued"]))
 
-    tokens = {"source": plan.source_steps, "pruned": plan.prune_steps, "continued": plan.cpt_steps,
-              "scratch": scratch_steps}
-    gbs = load_config(_yaml("cpt.yaml"), ["data.root=x", "model.path=x"]).global_train_batch_size
-    tokens = {k: v * gbs * seq_len for k, v in tokens.items()}
-    shapes = {"source": source.config.shape, "pruned": pruned.config.shape, "continued": continued.config.shape,
-              "scratch": pruned.config.shape}
+    steps = {"source": r.plan.source_steps, "pruned": r.plan.prune_steps, "continued": r.plan.cpt_steps,
+             "scratch": r.plan.prune_steps + r.plan.cpt_steps}
+    gbs = _tiny_config("cpt.yaml").global_train_batch_size
+    shapes = {k: load_model(d, weights=False).config.shape for k, d in models.items()}
     result = {
         "out": str(out), "hf_dir": str(hf_dir), "plot": str(out / "pruning.png") if plot_ok else None,
         "losses": losses, "shapes": {k: s.to_dict() for k, s in shapes.items()},
-        "params": {k: s.n_params() for k, s in shapes.items()}, "tokens": tokens, "prune_report": report,
+        "params": {k: s.n_params() for k, s in shapes.items()},
+        "tokens": {k: v * gbs * r.seq_len for k, v in steps.items()}, "prune_report": report,
         "final_domain_weights": report["domain_weights"], "hf_max_abs_logit_diff": max_diff,
-        "seconds": round(time.time() - t0, 1), "corpus": corpus,
+        "seconds": round(time.time() - r.t0, 1), "corpus": corpus,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(format_table(result, shapes))
@@ -357,7 +397,6 @@ def _check_hf(hf_dir: Path, ours) -> float:
 
 
 def format_table(r: dict[str, Any], shapes) -> str:
-    from llmshearing.shape import format_params
 
     rows = [("source", "trained from scratch"), ("pruned", "cut to target (no training after the cut)"),
             ("continued", "pruned + continued pre-training"), ("scratch", "target shape from scratch (baseline)")]

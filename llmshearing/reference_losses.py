@@ -26,6 +26,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from llmshearing.convert.checkpoint import is_model_dir, load_model
+from llmshearing.data.dynamic import build_eval_dataloader
+from llmshearing.data.manifest import load_manifest
+
 log = logging.getLogger(__name__)
 
 MIN_SIZES = 3  # three constants per domain
@@ -90,13 +94,11 @@ def predict(fit: dict[str, float], n_params: float) -> float:
 # ------------------------------------------------------------------------------------------ eval
 def _load_any(model_dir: Path, dtype: torch.dtype):
     """(callable ids -> logits, n_params, kind) for an llmshearing or a Hugging Face model dir."""
-    from llmshearing.convert.checkpoint import is_model_dir, load_model
-
     if is_model_dir(model_dir):
         m = load_model(model_dir, dtype=dtype).eval()
         return m, m.config.shape.n_params(), "llmshearing"
     if (model_dir / "config.json").is_file():
-        import transformers
+        import transformers  # only for HF dirs; seconds to import, and this module loads with `llmshearing --help`
 
         m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
         return (lambda ids: m(ids).logits), sum(p.numel() for p in m.parameters()), "hf"
@@ -107,9 +109,6 @@ def _load_any(model_dir: Path, dtype: torch.dtype):
 def eval_losses(model_dir: str | Path, data_root: str | Path, split: str = "eval", rows: int | None = None,
                 batch_size: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Token-mean next-token loss per domain over the first `rows` eval rows (all by default)."""
-    from llmshearing.data.dynamic import build_eval_dataloader
-    from llmshearing.data.manifest import load_manifest
-
     root = Path(data_root)
     manifest = load_manifest(root)
     if manifest is None:

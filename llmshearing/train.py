@@ -12,9 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from composer.loggers import WandBLogger
+from composer import Trainer
+from composer.algorithms import GradientClipping
+from composer.callbacks import LRMonitor, SpeedMonitor
+from composer.core import Evaluator
+from composer.loggers import FileLogger, WandBLogger
+from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist
+from streaming.base.util import clean_stale_shared_memory
 
+from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshearing.callbacks.model_info import ModelInfo
+from llmshearing.callbacks.pruning import PruningCallback
 from llmshearing.config import (
     ConfigError,
     TrainConfig,
@@ -26,6 +35,12 @@ from llmshearing.config import (
     to_yaml,
     validate,
 )
+from llmshearing.convert.checkpoint import load_model
+from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
+from llmshearing.logs import setup_logging
+from llmshearing.models.composer_model import ComposerLlama
+from llmshearing.models.llama import LlamaForCausalLM
+from llmshearing.pruning.l0 import L0Module, pruning_param_groups
 
 log = logging.getLogger("llmshearing.train")
 
@@ -44,7 +59,7 @@ def _device(cfg: TrainConfig) -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     if cfg.device == "gpu" and not torch.cuda.is_available():
         raise ConfigError("config key 'device': 'gpu' requested but CUDA is not available")
-    return cfg.device
+    return cfg.device.value
 
 
 def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: bool = False):
@@ -56,9 +71,6 @@ def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: b
     broadcasts it; under DDP they get uninitialised storage, which DDP's construction-time
     broadcast from rank 0 overwrites.
     """
-    from llmshearing.convert.checkpoint import load_model
-    from llmshearing.models.composer_model import ComposerLlama
-    from llmshearing.models.llama import LlamaForCausalLM
 
     if cfg.model.path is not None:
         weights = rank == 0 or world_size == 1
@@ -72,8 +84,6 @@ def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: b
         model = LlamaForCausalLM(build_model_config(cfg))
     l0 = None
     if cfg.pruning is not None:
-        from llmshearing.pruning.l0 import L0Module
-
         max_ba = time_in_batches(cfg.max_duration, "max_duration")
         l0 = L0Module(
             source=model.config.shape,
@@ -87,12 +97,8 @@ def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: b
 
 
 def build_optimizer(cfg: TrainConfig, composer_model) -> torch.optim.Optimizer:
-    from composer.optim import DecoupledAdamW
-
     o = cfg.optimizer
     if cfg.pruning is not None:
-        from llmshearing.pruning.l0 import pruning_param_groups
-
         groups = pruning_param_groups(composer_model, lr=o.lr, lag_lr=cfg.pruning.lag_lr, weight_decay=o.weight_decay,
                                       lag_betas=cfg.pruning.lag_betas)
     else:
@@ -101,15 +107,11 @@ def build_optimizer(cfg: TrainConfig, composer_model) -> torch.optim.Optimizer:
 
 
 def build_dataloaders(cfg: TrainConfig, world_size: int, rank: int):
-    from composer.core import Evaluator
-
-    from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
-
     d = cfg.data
     train_dl = build_train_dataloader(
         root=d.root, domains=list(d.domains), proportions=resolve_proportions(cfg),
         global_batch_size=cfg.global_train_batch_size, seq_len=d.seq_len, seed=cfg.seed,
-        rank=rank, world_size=world_size, num_workers=d.num_workers, on_exhausted=d.on_exhausted,
+        rank=rank, world_size=world_size, num_workers=d.num_workers, on_exhausted=d.on_exhausted.value,
         split=d.train_split,
     )
     evaluators = [
@@ -126,33 +128,23 @@ def build_dataloaders(cfg: TrainConfig, world_size: int, rank: int):
 
 
 def build_callbacks(cfg: TrainConfig, composer_model) -> list:
-    from composer.callbacks import LRMonitor, SpeedMonitor
-
-    from llmshearing.callbacks.model_info import ModelInfo
-
     pruning_info = None
     if composer_model.l0 is not None:
         pruning_info = composer_model.l0.config_dict()
     cbs: list = [ModelInfo(composer_model.config, pruning_info), SpeedMonitor(window_size=10), LRMonitor()]
     if cfg.pruning is not None:
-        from llmshearing.callbacks.pruning import PruningCallback
-
         cbs.append(PruningCallback(save_folder=cfg.save_folder,
                                    log_interval=time_in_batches(cfg.loggers.console_interval, "loggers.console_interval")))
     if cfg.dynamic_loading is not None:
-        from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
-
         dl = cfg.dynamic_loading
         cbs.append(DynamicLoadingCallback(
-            domains=list(cfg.data.domains), target_losses=list(dl.target_losses) or None, update=dl.update,
+            domains=list(cfg.data.domains), target_losses=list(dl.target_losses) or None, update=dl.update.value,
             eta=dl.eta, smoothing=dl.smoothing, clip_negative=dl.clip_negative,
         ))
     return cbs
 
 
 def build_loggers(cfg: TrainConfig) -> list:
-    from composer.loggers import FileLogger
-
     loggers: list = []
     if cfg.loggers.file:
         loggers.append(FileLogger(filename=str(Path(cfg.save_folder) / "logs-rank{rank}.txt"), flush_interval=10))
@@ -176,20 +168,33 @@ class MetricsOnlyWandB(WandBLogger):
         raise NotImplementedError("checkpoints are not stored in W&B")
 
 
+def build_scheduler(cfg: TrainConfig) -> CosineAnnealingWithWarmupScheduler:
+    max_ba = time_in_batches(cfg.max_duration, "max_duration")
+    warmup = time_in_batches(cfg.scheduler.warmup, "scheduler.warmup", max_ba)
+    return CosineAnnealingWithWarmupScheduler(t_warmup=f"{warmup}ba", alpha_f=cfg.scheduler.alpha_f)
+
+
+def fsdp_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """Composer's parallelism_config for FSDP (GPU runs with an `fsdp:` section)."""
+    f = cfg.fsdp
+    return {"fsdp": {
+        "sharding_strategy": f.sharding_strategy.value, "mixed_precision": f.mixed_precision,
+        "activation_checkpointing": f.activation_checkpointing, "activation_checkpointing_reentrant": False,
+        "state_dict_type": f.state_dict_type, "limit_all_gathers": f.limit_all_gathers, "use_orig_params": True,
+        "sync_module_states": world_size > 1,  # ranks > 0 start on meta (build_model)
+    }}
+
+
 def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
     """Validate, then build every component and the Trainer (does not call fit).
 
     World size and rank come from the process group (created here first, from the launcher's
     environment: `composer -n N train.py ...` or torchrun), never from arguments.
     """
-    from composer import Trainer
-    from composer.algorithms import GradientClipping
-    from composer.optim import CosineAnnealingWithWarmupScheduler
-
     device = _device(cfg)
     world_size, rank = init_distributed(device, cfg.dist_timeout)
     validate(cfg, world_size=world_size)
-    precision = cfg.precision
+    precision = cfg.precision.value
     if device == "cpu" and precision != "fp32":
         log.warning("precision %s is not used on CPU; running in fp32", precision)
         precision = "fp32"
@@ -199,18 +204,6 @@ def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
     composer_model = build_model(cfg, rank, world_size, sharded)
     optimizer = build_optimizer(cfg, composer_model)
     train_dl, evaluators = build_dataloaders(cfg, world_size, rank)
-    max_ba = time_in_batches(cfg.max_duration, "max_duration")
-    scheduler = CosineAnnealingWithWarmupScheduler(
-        t_warmup=f"{time_in_batches(cfg.scheduler.warmup, 'scheduler.warmup', max_ba)}ba", alpha_f=cfg.scheduler.alpha_f)
-    parallelism = None
-    if sharded:
-        f = cfg.fsdp
-        parallelism = {"fsdp": {
-            "sharding_strategy": f.sharding_strategy, "mixed_precision": f.mixed_precision,
-            "activation_checkpointing": f.activation_checkpointing, "activation_checkpointing_reentrant": False,
-            "state_dict_type": f.state_dict_type, "limit_all_gathers": f.limit_all_gathers, "use_orig_params": True,
-            "sync_module_states": world_size > 1,  # ranks > 0 start on meta (build_model)
-        }}
     Path(cfg.save_folder).mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (Path(cfg.save_folder) / "config.yaml").write_text(to_yaml(cfg))
@@ -225,13 +218,13 @@ def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
         eval_interval=cfg.eval_interval,
         eval_subset_num_batches=-1,  # the rows are chosen by data.eval_rows_per_domain (any world size)
         optimizers=optimizer,
-        schedulers=scheduler,
+        schedulers=build_scheduler(cfg),
         step_schedulers_every_batch=True,
         max_duration=cfg.max_duration,
         device=device,
         precision=precision,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
-        parallelism_config=parallelism,
+        parallelism_config=fsdp_config(cfg, world_size) if sharded else None,
         algorithms=algorithms,
         callbacks=build_callbacks(cfg, composer_model) + list(extra_callbacks),
         loggers=build_loggers(cfg) + list(extra_loggers),
@@ -272,7 +265,7 @@ def main(argv: list[str] | None = None, extra_callbacks=()) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: composer train.py CONFIG.yaml [key=value ...]   (or: python train.py ...)")
         return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(timestamps=True)
     try:
         cfg = load_config(argv[0], argv[1:])
         init_distributed(_device(cfg), cfg.dist_timeout)
@@ -280,8 +273,6 @@ def main(argv: list[str] | None = None, extra_callbacks=()) -> int:
         # after the process group exists (local rank 0 cleans, the others wait at a barrier; without
         # the group Streaming would make a temporary one of its own), and only here at the script
         # entry point, since in a process with live datasets it would remove their memory too.
-        from streaming.base.util import clean_stale_shared_memory
-
         clean_stale_shared_memory()
         trainer = run(cfg, extra_callbacks=extra_callbacks)
     except ConfigError as e:

@@ -91,6 +91,8 @@ def good(tmp_path):
 @pytest.mark.parametrize("override,key,words", [
     (["data.typo=1"], "data.typo", "not in"),
     (["global_train_batch_size=abc"], "global_train_batch_size", "Integer"),
+    (["data.on_exhausted=loop"], "data.on_exhausted", "stop"),  # typed choices: refused when loaded
+    (["precision=bf16"], "precision", "amp_bf16"),
 ])
 def test_schema_errors_name_the_key(good, override, key, words):
     with pytest.raises(ConfigError, match=key) as e:
@@ -108,8 +110,6 @@ def test_schema_errors_name_the_key(good, override, key, words):
     (["pruning.target.d_model=5000"], 1, "pruning.target", "d_model"),
     (["pruning.target.n_heads=21"], 1, "pruning.target", "n_heads"),
     (["pruning.lagrangian_warmup=9999ba"], 1, "pruning.lagrangian_warmup", "longer than max_duration"),
-    (["data.on_exhausted=loop"], 1, "data.on_exhausted", "stop"),
-    (["precision=bf16"], 1, "precision", "amp_bf16"),
 ])
 def test_semantic_errors_name_the_key(good, override, world, key, words):
     cfg = good(*override)

@@ -242,6 +242,8 @@ def _read_sharded_state(folder: Path) -> dict[str, Any]:
     """`state` of a sharded (torch.distributed.checkpoint) save, restricted to model, ModelInfo and
     loader state: every saved leaf has its object path in the metadata's planner data, so a nested
     dict of just those leaves (empty tensors of the saved shapes) is what `dcp.load` fills in."""
+    # imported here: torch.distributed.checkpoint pulls in FSDP and dynamo (~3.5 s measured), and
+    # this module is on the import path of `llmshearing --help` and of every model load
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 

@@ -9,7 +9,11 @@ User errors surface as ValueError / FileNotFoundError, which the top-level CLI p
 from __future__ import annotations
 
 import argparse
-import logging
+
+from llmshearing.logs import setup_logging
+
+# convert.hf (and with it transformers, ~3-5 s) is imported inside the commands: this module is
+# imported by `llmshearing --help` and every other sub-command to register `convert`.
 
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
@@ -47,15 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.set_defaults(func=run_composer_to_hf)
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
 def run_hf_to_composer(args: argparse.Namespace) -> int:
     from llmshearing.convert.hf import convert_hf_to_llmshearing
 
-    _setup_logging()
+    setup_logging()
     cfg = convert_hf_to_llmshearing(args.hf_dir, args.out, dtype=args.dtype)
     print(f"converted {args.hf_dir} -> {args.out} [{cfg.family}: {cfg.shape.summary()}]")
     return 0
@@ -64,7 +63,7 @@ def run_hf_to_composer(args: argparse.Namespace) -> int:
 def run_composer_to_hf(args: argparse.Namespace) -> int:
     from llmshearing.convert.hf import convert_composer_to_hf
 
-    _setup_logging()
+    setup_logging()
     cfg = convert_composer_to_hf(args.ckpt, args.out_dir, tokenizer_dir=args.tokenizer, dtype=args.dtype)
     tok = f", tokenizer from {args.tokenizer}" if args.tokenizer else ""
     print(f"exported {args.ckpt} -> {args.out_dir} [{cfg.family}: {cfg.shape.summary()}{tok}]")

@@ -24,6 +24,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 from llmshearing.convert.checkpoint import torch_load
 from llmshearing.convert.safetensors_writer import ST_DTYPES, SafetensorsStreamWriter
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,6 @@ def find_hf_weight_sources(hf_dir: str | Path) -> list[Source]:
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every state-dict key of our model with its shape, from the model itself built on the meta
     device (no memory), so validation can never drift from the model definition."""
-    from llmshearing.models.llama import LlamaForCausalLM
-
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

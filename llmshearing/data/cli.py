@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llmshearing.data.documents import parse_count
 from llmshearing.data.manifest import MANIFEST_NAME, format_summary
 from llmshearing.data.prep import prepare
+from llmshearing.logs import setup_logging
 
 
 def _parse_kv(items: Iterable[str], what: str) -> list[tuple[str, str]]:
@@ -39,8 +42,6 @@ def _load_domains_file(path: str) -> dict[str, Any]:
     if path.endswith(".json"):
         data = json.loads(text)
     else:
-        import yaml
-
         data = yaml.safe_load(text)
     if isinstance(data, Mapping) and "domains" in data and isinstance(data["domains"], Mapping):
         data = data["domains"]
@@ -50,7 +51,7 @@ def _load_domains_file(path: str) -> dict[str, Any]:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     domains: dict[str, Any] = {}
     if args.domains_file:
         domains.update(_load_domains_file(args.domains_file))
@@ -107,8 +108,6 @@ def register(subparsers: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point (`python data_prep/prepare.py ...`), same options as the sub-command."""
-    import sys
-
     parser = argparse.ArgumentParser(prog="prepare-data", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+# Streaming's MDSWriter is imported in `mds_writer`: `llmshearing --help` imports this module (via
+# prepare-data) and `import streaming` costs seconds (it imports transformers).
+
 # --------------------------------------------------------------------------------------------
 # Packing and writing (main process)
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """One small tokenizer interface for data preparation.
 
-Data preparation only needs `encode` (without BOS/EOS: we insert EOS ourselves between documents),
-the EOS id and the vocabulary size (to pick the token dtype). Hugging Face tokenizer directories and
+Data preparation only needs `encode` (without BOS/EOS: data prep inserts them around documents),
+the BOS and EOS ids and the vocabulary size (to pick the token dtype). Hugging Face tokenizer directories and
 raw SentencePiece `.model` files both appear in practice (the LLaMA tokenizer ships as both), so
 `load_tokenizer` hides the difference. Everything is local: nothing is ever downloaded.
 
@@ -16,6 +16,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import sentencepiece as spm
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+# transformers is imported where a Hugging Face tokenizer is loaded or saved: this module is on the
+# import path of `llmshearing --help` (prepare-data), and transformers takes seconds to import.
 
 #: Files that define a Hugging Face tokenizer (hashed to fingerprint it; weights are ignored).
 HF_TOKENIZER_FILES = (
@@ -99,8 +106,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         if p.suffix != ".model":
             raise ValueError(f"tokenizer file {p} is not a SentencePiece .model; pass a Hugging Face "
                              "tokenizer directory or a .model file")
-        import sentencepiece as spm
-
         sp = spm.SentencePieceProcessor(model_file=str(p))
         eos = int(sp.eos_id())
         if eos < 0:
@@ -128,8 +133,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     data-preparation tests compare against. `vocab_size` includes the 256 byte symbols and the
     special tokens.
     """
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [bos_token, eos_token]
