@@ -159,6 +159,8 @@ class CheckpointError(ValueError):
 #: Wrapper names that DDP, FSDP, activation checkpointing and torch.compile insert into parameter names.
 _WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
+#: Where Composer keeps our ModelInfo callback's state in a checkpoint (Composer's key names).
+_MODEL_INFO = ("state", "callbacks", "ModelInfo")
 
 
 def unwrap_key(key: str) -> str:
@@ -203,9 +205,9 @@ def torch_load(path: str | Path, weights_only: bool) -> Any:
 
 def read_model_info(state: dict[str, Any], source: str) -> tuple[ModelConfig, dict[str, Any] | None]:
     """(ModelConfig, pruning dict or None) from a checkpoint's `state` (ModelInfo callback state)."""
-    info = (state.get("callbacks") or {}).get("ModelInfo")
+    info = (state.get(_MODEL_INFO[1]) or {}).get(_MODEL_INFO[2])
     if not isinstance(info, dict) or "model_config" not in info:
-        raise CheckpointError(f"{source}: no ModelInfo in the checkpoint's callbacks; was it written by "
+        raise CheckpointError(f"{source}: no ModelInfo callback state in the checkpoint; was it written by "
                               "llmshearing's train.py?")
     try:
         return ModelConfig.from_dict(info["model_config"]), info.get("pruning")
@@ -247,7 +249,7 @@ def _read_sharded_state(folder: Path) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    wanted = (("state", "model"), ("state", "callbacks", "ModelInfo"), ("state", "dataset_state", "train"))
+    wanted = (("state", "model"), _MODEL_INFO, ("state", "dataset_state", "train"))
     try:
         reader = dcp.FileSystemReader(str(folder))
         meta = reader.read_metadata()

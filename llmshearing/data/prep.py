@@ -261,12 +261,7 @@ def prepare(
     out = Path(out).expanduser()
     _prepare_output(out, overwrite)
     writer_args = (seq_len, plan.dtype, compression, shard_size_limit)
-    if workers > 1:
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=init_worker,
-                                                        initargs=(plan.tok.path, plan.worker_cfg))
-    else:
-        pool = None
-        init_worker(plan.tok.path, plan.worker_cfg, pool_worker=False)
+    pool = _tokenizer_pool(plan, workers)
     stats: dict[str, dict[str, SplitStats]] = {s: {} for s in SPLITS}
     empty_docs: dict[str, int] = {}
     bar = tqdm(total=sum(len(t) for t in plan.tasks.values()), unit="part", desc="prepare-data", disable=not progress)
@@ -289,3 +284,12 @@ def prepare(
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(out / MANIFEST_NAME)  # the manifest appears only once all shards are complete
     return manifest
+
+
+def _tokenizer_pool(plan: _Plan, workers: int) -> Any:
+    """Worker processes that tokenize tasks (None: tokenize in this process)."""
+    if workers > 1:
+        return multiprocessing.get_context("fork").Pool(workers, initializer=init_worker,
+                                                        initargs=(plan.tok.path, plan.worker_cfg))
+    init_worker(plan.tok.path, plan.worker_cfg, pool_worker=False)
+    return None

@@ -3,7 +3,7 @@
 It owns, per mask type, the hard-concrete logits and the two Lagrange multipliers, and turns
 them into (a) the `StructureMasks` the model applies and (b) the Lagrangian penalty that pulls
 each mask type's expected sparsity onto its (warmed-up) target. It knows nothing about Composer;
-`llmshearing.callbacks.pruning.PruningCallback` glues it to the Trainer.
+a Composer callback (`PruningCallback`) glues it to the Trainer.
 
 Mask types (L layers, H query heads, K KV groups of G query heads, F channels, D hidden):
 
