@@ -18,15 +18,8 @@ from composer.core import Time, TimeUnit
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llmshearing.convert.checkpoint import (
-    CONFIG_NAME,
-    DOMAIN_WEIGHTS_NAME,
-    WEIGHTS_NAME,
-    CheckpointError,
-    is_model_dir,
-    load_domain_weights,
-    load_model_config,
-)
+from llmshearing.convert.checkpoint import DOMAIN_WEIGHTS_NAME, CheckpointError, load_domain_weights
+from llmshearing.convert.model_source import describe_expected, is_model_source, source_config
 from llmshearing.data.manifest import check_manifest, load_manifest
 from llmshearing.data.sampler import validate_proportions
 from llmshearing.models.config import ModelConfig
@@ -246,13 +239,12 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) ->
 def _check_model(cfg: TrainConfig, check_paths: bool) -> None:
     m = cfg.model
     if (m.path is None) == (m.init is None):
-        raise ConfigError("config key 'model': set exactly one of 'model.path' (a converted model dir) "
+        raise ConfigError("config key 'model': set exactly one of 'model.path' (a model dir) "
                           "or 'model.init' (random init from a shape)")
     if m.path is not None and check_paths:
-        if not is_model_dir(m.path):
-            raise ConfigError(f"config key 'model.path': {m.path} is not an llmshearing model directory "
-                              f"(needs {CONFIG_NAME} and {WEIGHTS_NAME}; create one with "
-                              "`llmshearing convert hf-to-composer HF_DIR OUT`)")
+        if not is_model_source(m.path):
+            raise ConfigError(f"config key 'model.path': {m.path} is not {describe_expected()}; convert other "
+                              "formats (e.g. GGUF) with `llmshearing convert hf-to-composer SRC OUT`")
     build_model_config(cfg, check_paths=check_paths)
 
 
@@ -261,7 +253,10 @@ def build_model_config(cfg: TrainConfig, check_paths: bool = True):
     if cfg.model.path is not None:
         if not check_paths and not Path(cfg.model.path).exists():
             return None
-        return load_model_config(cfg.model.path)
+        try:
+            return source_config(cfg.model.path)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"config key 'model.path': {e}") from e
     init = cfg.model.init
     try:
         shape = ModelShape.from_dict(dict(init.shape))

@@ -35,7 +35,7 @@ from llmshearing.config import (
     to_yaml,
     validate,
 )
-from llmshearing.convert.checkpoint import load_model
+from llmshearing.convert.model_source import load_source_model
 from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
 from llmshearing.logs import setup_logging
 from llmshearing.models.composer_model import ComposerLlama
@@ -75,7 +75,7 @@ def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: b
     if cfg.model.path is not None:
         weights = rank == 0 or world_size == 1
         # fp32 master weights (amp computes in bf16)
-        model = load_model(cfg.model.path, dtype=torch.float32, weights=weights)
+        model = load_source_model(cfg.model.path, dtype=torch.float32, weights=weights)
         if not weights and not sharded:
             model.to_empty(device="cpu")
             model.model.rotary_emb.reset_parameters()

@@ -26,11 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="convert_command", required=True, metavar="DIRECTION")
 
     a = sub.add_parser(
-        "hf-to-composer", help="local Hugging Face model directory -> llmshearing model directory",
+        "hf-to-composer", help="local Hugging Face model directory or GGUF file -> llmshearing model directory",
         description="Convert a local Hugging Face LLaMA/Mistral/Qwen2 directory (config.json + safetensors or .bin, "
-                    "single or sharded) into an llmshearing model directory (llmshearing.json + model.safetensors), "
-                    "which `model.path` in the training configs points to.")
-    a.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model directory (no downloads)")
+                    "single or sharded), or a GGUF file (dequantized, with its tokenizer; needs the [real] extra), "
+                    "into an llmshearing model directory (llmshearing.json + model.safetensors). `model.path` "
+                    "in the training configs takes this or the Hugging Face directory itself.")
+    a.add_argument("hf_dir", metavar="HF_DIR|GGUF", help="local Hugging Face model directory or .gguf file (no downloads)")
     a.add_argument("out", metavar="OUT", help="output llmshearing model directory")
     a.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="cast floating tensors (default: keep the checkpoint's dtype)")
@@ -52,10 +53,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_hf_to_composer(args: argparse.Namespace) -> int:
+    from llmshearing.convert.gguf import convert_gguf_to_llmshearing, is_gguf_file
     from llmshearing.convert.hf import convert_hf_to_llmshearing
+    from llmshearing.convert.hf_weights import resolve_dtype
 
     setup_logging()
-    cfg = convert_hf_to_llmshearing(args.hf_dir, args.out, dtype=args.dtype)
+    if is_gguf_file(args.hf_dir):
+        cfg = convert_gguf_to_llmshearing(args.hf_dir, args.out, dtype=resolve_dtype(args.dtype))
+    else:
+        cfg = convert_hf_to_llmshearing(args.hf_dir, args.out, dtype=args.dtype)
     print(f"converted {args.hf_dir} -> {args.out} [{cfg.family}: {cfg.shape.summary()}]")
     return 0
 

@@ -40,6 +40,7 @@ from llmshearing.convert.hf_weights import (
     drop_tied_head,
     find_hf_weight_sources,
     is_dropped_buffer,
+    load_entry,
     resolve_dtype,
     scan,
     short_list,
@@ -91,6 +92,30 @@ def convert_hf_to_llmshearing(hf_dir: str | Path, out_dir: str | Path,
     stream_copy(entries, sources, out / WEIGHTS_NAME, dtype, desc="hf->llmshearing")
     (out / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return cfg
+
+
+def is_hf_model_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / HF_CONFIG_NAME).is_file() and any((p / n).is_file() for n in HF_WEIGHT_FILES)
+
+
+def load_hf_state_dict(hf_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """ModelConfig and state dict of a local Hugging Face model directory, validated exactly as
+    `convert_hf_to_llmshearing` validates them, but kept in memory (safetensors tensors are read
+    one by one, cast to `dtype` if given): `model.path` can point at the HF download itself."""
+    hf_dir = Path(hf_dir)
+    cfg = read_hf_config(hf_dir)
+    sources = find_hf_weight_sources(hf_dir)
+    entries = scan(sources, lambda k: None if is_dropped_buffer(k) else k)
+    validate_entries(entries, sources, cfg, str(hf_dir / HF_CONFIG_NAME))
+    drop_tied_head(entries, sources, cfg)
+    sd = {}
+    for e in entries.values():
+        t = load_entry(sources, e)
+        sd[e.key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    if cfg.shape.tie_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return cfg, sd
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing prepared data under --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--bos", choices=("auto", "on", "off"), default="auto",
-                   help="start each document with the tokenizer's BOS (auto: when it defines one, as Llama's do)")
+                   help="start each document with the tokenizer's BOS (auto: when the tokenizer adds BOS itself, as Llama's do)")
 
 
 def register(subparsers: Any) -> None:

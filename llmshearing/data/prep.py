@@ -137,7 +137,7 @@ def _plan(domains: Mapping[str, Any] | Sequence[tuple[str, Any]], tokenizer: str
     tok = load_tokenizer(tokenizer)
     if bos and tok.bos_id is None:
         raise ValueError(f"bos=True but the tokenizer {tok.path} defines no BOS token")
-    bos_id = tok.bos_id if (bos is None or bos) else None
+    bos_id = tok.bos_id if (tok.adds_bos if bos is None else bos) else None
     dtype = token_dtype(tok.vocab_size)
     ordered: dict[str, list[str]] = {}
     tasks: dict[str, list[Task]] = {}
@@ -252,7 +252,8 @@ def prepare(
         workers: tokenizer processes (1 = in this process).
         shuffle_files: read files in a seeded random order (so budgets sample across files).
         chunk_bytes: split plain `.jsonl` files bigger than this into separately tokenized chunks.
-        bos: start every document with the tokenizer's BOS; None (default) = when it defines one.
+        bos: start every document with the tokenizer's BOS; None (default) = when the tokenizer itself
+            adds BOS to a text (Llama-2/3 tokenizers do; SmolLM2's and Qwen2's do not).
     """
     t0 = time.perf_counter()
     seq_len = int(seq_len)

@@ -19,7 +19,7 @@ from typing import Any
 
 import sentencepiece as spm
 from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 # transformers is imported where a Hugging Face tokenizer is loaded or saved: this module is on the
 # import path of `llmshearing --help` (prepare-data), and transformers takes seconds to import.
@@ -51,6 +51,7 @@ class Tokenizer:
     kind: str  # "hf" | "sentencepiece"
     _impl: Any = field(repr=False, default=None)
     bos_id: int | None = None  # None: the tokenizer defines no BOS
+    adds_bos: bool = False  # whether the tokenizer itself starts every text with BOS (Llama's do)
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "sentencepiece":
@@ -112,7 +113,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             raise ValueError(f"SentencePiece model {p} defines no EOS piece (eos_id = -1)")
         bos = int(sp.bos_id())
         return Tokenizer(name=p.stem, path=str(p.resolve()), eos_id=eos, vocab_size=int(sp.get_piece_size()),
-                         kind="sentencepiece", _impl=sp, bos_id=bos if bos >= 0 else None)
+                         kind="sentencepiece", _impl=sp, bos_id=bos if bos >= 0 else None,
+                         adds_bos=bos >= 0)  # raw Llama SentencePiece models are used with BOS
     from transformers import AutoTokenizer
 
     try:
@@ -121,8 +123,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise ValueError(f"cannot load a Hugging Face tokenizer from {p}: {e}") from e
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {p} defines no EOS token (eos_token is None)")
+    bos = None if tok.bos_token_id is None else int(tok.bos_token_id)
+    adds_bos = bos is not None and tok("a", add_special_tokens=True)["input_ids"][:1] == [bos]
     return Tokenizer(name=p.name, path=str(p.resolve()), eos_id=int(tok.eos_token_id), vocab_size=len(tok),
-                     kind="hf", _impl=tok, bos_id=None if tok.bos_token_id is None else int(tok.bos_token_id))
+                     kind="hf", _impl=tok, bos_id=bos, adds_bos=adds_bos)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
@@ -131,7 +135,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
 
     Byte-level BPE round-trips any text exactly (`decode(encode(x)) == x`), which is what the
     data-preparation tests compare against. `vocab_size` includes the 256 byte symbols and the
-    special tokens.
+    special tokens. Like Llama's tokenizers it starts every text with BOS when special tokens are
+    added, so data prep packs BOS + doc + EOS with it.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -146,6 +151,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     raw.train_from_iterator(iter(texts), trainer=trainer)
+    raw.post_processor = processors.TemplateProcessing(single=f"{bos_token} $A", pair=f"{bos_token} $A $B",
+                                                       special_tokens=[(bos_token, raw.token_to_id(bos_token))])
     fast = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos_token, bos_token=bos_token)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
