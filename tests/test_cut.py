@@ -131,11 +131,14 @@ def test_separate_block_gates_fold_into_output_projections():
 
 
 def test_tied_embeddings_untie_when_hidden_values_not_one(caplog):
+    """cut_model itself: soft hidden values (given by hand) can only be folded by untying."""
     src = MHA.replace(tie_embeddings=True)
     tgt = src.replace(d_model=16)
     model = _model(src)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    masks, _ = _random_l0(src, tgt, ["hidden"], 0)()
+    soft = _random_l0(src.replace(tie_embeddings=False), tgt.replace(tie_embeddings=False), ["hidden"], 0)()[0].hidden
+    masks = StructureMasks(hidden=soft)
+    assert ((soft > 0) & (soft < 1)).any()
     with caplog.at_level(logging.WARNING):
         cut = cut_model(model, masks)
     assert any("untied" in r.getMessage() for r in caplog.records)
@@ -147,6 +150,23 @@ def test_tied_embeddings_untie_when_hidden_values_not_one(caplog):
     cut2 = cut_model(model, ones)
     assert cut2.config.shape == tgt and cut2.lm_head.weight is cut2.model.embed_tokens.weight
     _assert_same_logits(model, ones, cut2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tied_source_gives_tied_target_of_exact_size(seed):
+    """The L0 module's hidden mask is hard 0/1 for a tied source: the cut keeps the tie and has exactly
+    the target's parameter count (GQA, every mask type), and equals the masked model (fp32, 1e-4)."""
+    src = GQA.replace(tie_embeddings=True)
+    tgt = src.replace(d_model=24, n_heads=2, n_kv_heads=1, n_layers=3, intermediate_size=32)
+    model = _model(src, seed=seed)
+    l0 = _random_l0(src, tgt, ALL, seed)
+    assert set(l0.mask_types) >= {"layer", "kv_group", "intermediate", "hidden"}
+    masks = l0.deterministic_masks(target=True)
+    assert set(masks.hidden.unique().tolist()) == {0.0, 1.0}
+    cut = cut_model(model, masks)
+    assert cut.config.shape == tgt and cut.lm_head.weight is cut.model.embed_tokens.weight
+    assert sum(p.numel() for p in cut.parameters()) == tgt.n_params()
+    _assert_same_logits(model, masks, cut, seed)
 
 
 def test_dtype_is_preserved():

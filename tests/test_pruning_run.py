@@ -184,8 +184,8 @@ def test_composer_trainer_pruning_and_export(tmp_path, capsys, one_thread):
     ckpt = tmp_path / "ckpt" / "latest-rank0.pt"
     report = export_pruned(ckpt, tmp_path / "pruned")
     cut = load_model(tmp_path / "pruned").eval()
-    assert cut.config.shape == tgt.replace(tie_embeddings=False)  # hidden values folded -> untied
-    assert report["n_params"] == cut.config.shape.n_params()
+    assert cut.config.shape == tgt  # tied source: hard hidden mask, the cut keeps the tie
+    assert report["n_params"] == cut.config.shape.n_params() == tgt.n_params()
     assert report["kept_layers"] == sorted(report["kept_layers"]) and len(report["kept_layers"]) == 2
     assert (report["heads_per_layer"], report["channels_per_layer"], report["hidden"]) == (1, 12, 12)
     ids = _synthetic_batch(torch.Generator().manual_seed(5), 2, 8)

@@ -232,11 +232,20 @@ class L0Module(nn.Module):
     @torch.no_grad()
     def deterministic_masks(self, target: bool) -> StructureMasks:
         """Eval/cut masks: soft scores with exactly the target count kept per row (`target=True`,
-        gives the target shape) or round(expected count) per row (the "current expected" model)."""
+        gives the target shape) or round(expected count) per row (the "current expected" model).
+
+        For a source with tied embeddings the hidden mask is hard 0/1: its soft values would have to
+        be folded into the embedding (the residual stream starts as E[ids] * z) but not into lm_head
+        (the final norm already carries z), which a shared matrix cannot do, so the cut would have to
+        untie it (+ vocab x d_model parameters). With kept dims at 1 the cut keeps the tie and exactly
+        the target's parameter count; the evaluations use the same hard mask, so they see the model
+        the cut produces."""
         zs = {}
         for n, spec in self.specs.items():
             la = hc.clamp_at_use(self.log_alpha(n))
             zs[n] = hc.deterministic(la, spec.n_keep if target else hc.expected_n_keep(la))
+        if "hidden" in zs and self.source.tie_embeddings:
+            zs["hidden"] = (zs["hidden"] > 0).to(zs["hidden"].dtype)
         return self._compose(zs)
 
     def _compose(self, zs: dict[str, torch.Tensor]) -> StructureMasks:
