@@ -144,3 +144,21 @@ def test_loader_workers_do_not_change_the_run(data_root, tmp_path):
     assert hist[0] == hist[1] and [start for start, _ in hist[0]] == [0, 4, 8, 12]
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_model_path_can_be_a_hugging_face_dir(data_root, tmp_path):
+    """`composer train.py yamls/tiny/prune.yaml model.path=<HF dir>`: no conversion step needed."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=4,
+                                   intermediate_size=384, vocab_size=1024, max_position_embeddings=256,
+                                   bos_token_id=0, eos_token_id=1)  # the tiny data's tokenizer ids
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    composer = Path(sys.executable).parent / "composer"
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    cmd = [str(composer), "-n", "1", "train.py", str(PRUNE), f"data.root={data_root}", f"model.path={tmp_path}/hf",
+           "model.init=null", "max_duration=4ba", "eval_interval=4ba", "save_interval=4ba", f"save_folder={tmp_path}/run"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (tmp_path / "run" / "latest-rank0.pt").exists()

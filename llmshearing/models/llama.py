@@ -33,13 +33,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, hidden_z: torch.Tensor | None = None) -> torch.Tensor:
         dtype = x.dtype
-        xf = x.float()
+        xf = x.to(torch.promote_types(dtype, torch.float32))  # fp32 statistics, fp64 for fp64 checks
         if hidden_z is None:
             var = xf.pow(2).mean(-1, keepdim=True)
         else:
             # variance over the kept dims only, so that this equals a d'-dim RMSNorm of the cut
             # model; counted as a tensor (no host sync).
-            kept = (hidden_z != 0).to(torch.float32)
+            kept = (hidden_z != 0).to(xf.dtype)
             var = (xf.pow(2) * kept).sum(-1, keepdim=True) / kept.sum()
         y = self.weight * (xf * torch.rsqrt(var + self.eps)).to(dtype)
         if hidden_z is not None:

@@ -123,21 +123,23 @@ def cut_model(model: LlamaForCausalLM, masks: StructureMasks) -> LlamaForCausalL
     """A new dense LlamaForCausalLM of the cut shape, equal to `model(ids, masks)` in eval mode."""
     src = model.config.shape
     plan = plan_cut(src, masks)
-    m = masks.detach().to("cpu", torch.float32)
-    hd = src.head_dim
     sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     dtype = sd["model.embed_tokens.weight"].dtype
+    # fold in fp32 (fp64 for an fp64 model, so that masked == cut holds to fp64 precision there)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    m = masks.detach().to("cpu", work)
+    hd = src.head_dim
     keep_d = plan.kept_hidden
-    hz = m.hidden if m.hidden is not None else torch.ones(src.d_model)
+    hz = m.hidden if m.hidden is not None else torch.ones(src.d_model, dtype=work)
 
-    def f32(k: str) -> torch.Tensor:
-        return sd[k].float()
+    def w(k: str) -> torch.Tensor:
+        return sd[k].to(work)
 
     out: dict[str, torch.Tensor] = {}
-    emb = f32("model.embed_tokens.weight")
+    emb = w("model.embed_tokens.weight")
     out["model.embed_tokens.weight"] = (emb * hz)[:, keep_d]
-    out["model.norm.weight"] = (f32("model.norm.weight") * hz)[keep_d]
-    out["lm_head.weight"] = f32("lm_head.weight")[:, keep_d]
+    out["model.norm.weight"] = (w("model.norm.weight") * hz)[keep_d]
+    out["lm_head.weight"] = w("lm_head.weight")[:, keep_d]
     if plan.untie:
         log.warning("hidden mask values are not all 1: the embedding carries them and lm_head does not, so "
                     "the cut model has untied embeddings (tie_embeddings=False)")
@@ -146,24 +148,24 @@ def cut_model(model: LlamaForCausalLM, masks: StructureMasks) -> LlamaForCausalL
         p, q = f"model.layers.{i}.", f"model.layers.{j}."
         heads, groups, chans = plan.kept_heads[j], plan.kept_groups[j], plan.kept_channels[j]
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[q + norm + ".weight"] = (f32(p + norm + ".weight") * hz)[keep_d]
+            out[q + norm + ".weight"] = (w(p + norm + ".weight") * hz)[keep_d]
         # attention
-        out[q + "self_attn.q_proj.weight"] = _rows(f32(p + "self_attn.q_proj.weight"), heads, hd)[:, keep_d]
+        out[q + "self_attn.q_proj.weight"] = _rows(w(p + "self_attn.q_proj.weight"), heads, hd)[:, keep_d]
         for kv in ("k_proj", "v_proj"):
-            out[q + f"self_attn.{kv}.weight"] = _rows(f32(p + f"self_attn.{kv}.weight"), groups, hd)[:, keep_d]
+            out[q + f"self_attn.{kv}.weight"] = _rows(w(p + f"self_attn.{kv}.weight"), groups, hd)[:, keep_d]
         if src.qkv_bias:
-            out[q + "self_attn.q_proj.bias"] = _rows(f32(p + "self_attn.q_proj.bias"), heads, hd)
+            out[q + "self_attn.q_proj.bias"] = _rows(w(p + "self_attn.q_proj.bias"), heads, hd)
             for kv in ("k_proj", "v_proj"):
-                out[q + f"self_attn.{kv}.bias"] = _rows(f32(p + f"self_attn.{kv}.bias"), groups, hd)
-        head_z = m.heads[i] if m.heads is not None else torch.ones(src.n_heads)
+                out[q + f"self_attn.{kv}.bias"] = _rows(w(p + f"self_attn.{kv}.bias"), groups, hd)
+        head_z = m.heads[i] if m.heads is not None else torch.ones(src.n_heads, dtype=work)
         col_scale = head_z.repeat_interleave(hd) * _gate(m, i, "attn")  # [H*hd]
-        o = f32(p + "self_attn.o_proj.weight") * col_scale[None, :] * hz[:, None]  # [D, H*hd]
+        o = w(p + "self_attn.o_proj.weight") * col_scale[None, :] * hz[:, None]  # [D, H*hd]
         out[q + "self_attn.o_proj.weight"] = _rows(o.t(), heads, hd).t()[keep_d]
         # MLP
         for proj in ("gate_proj", "up_proj"):
-            out[q + f"mlp.{proj}.weight"] = f32(p + f"mlp.{proj}.weight")[chans][:, keep_d]
-        int_z = m.intermediate[i] if m.intermediate is not None else torch.ones(src.intermediate_size)
-        down = f32(p + "mlp.down_proj.weight") * (int_z * _gate(m, i, "mlp"))[None, :] * hz[:, None]
+            out[q + f"mlp.{proj}.weight"] = w(p + f"mlp.{proj}.weight")[chans][:, keep_d]
+        int_z = m.intermediate[i] if m.intermediate is not None else torch.ones(src.intermediate_size, dtype=work)
+        down = w(p + "mlp.down_proj.weight") * (int_z * _gate(m, i, "mlp"))[None, :] * hz[:, None]
         out[q + "mlp.down_proj.weight"] = down[keep_d][:, chans]
 
     new_sd = {k: v.to(dtype).contiguous() for k, v in out.items()}
