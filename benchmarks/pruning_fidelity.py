@@ -9,12 +9,15 @@ For every mask type with one row per layer (or per KV group), the expected spars
 mean per-domain eval loss of (a) the masked model with the masks the run evaluated with
 ("current expected" shape, `eval_target_model: false`), (b) the masked model with the exact-target
 masks and (c) the cut model (`prune-export`); (b) and (c) agree to float noise, and (c) - (a) is
-the loss the cut itself costs.
+the loss the cut itself costs. For a source with tied embeddings, whose exact-target hidden mask is
+hard 0/1 (so that the cut keeps the tie), also (d) the masked model with the soft hidden values the
+mask would otherwise carry: (b) - (d) is what keeping the tie costs right after the cut.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -81,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         "masked_exact_target": _eval(model, target_masks, root / "data", domains, seq_len),
         "cut": _eval(cut_model(model, target_masks), None, root / "data", domains, seq_len),
     }
+    if ck.model_config.shape.tie_embeddings and "hidden" in l0.specs:
+        la = hc.clamp_at_use(l0.log_alpha("hidden"))
+        soft = dataclasses.replace(target_masks, hidden=hc.deterministic(la, l0.specs["hidden"].n_keep))
+        losses["masked_exact_target_soft_hidden"] = _eval(model, soft, root / "data", domains, seq_len)
     mean = {k: sum(v.values()) / len(v) for k, v in losses.items()}
     result = {"run_dir": str(root), "eval_target_model": l0.eval_target_model, "per_row_expected_sparsity": rows,
               "eval_loss": losses, "mean_eval_loss": mean,
               "cut_minus_masked_as_evaluated": mean["cut"] - mean["masked_as_evaluated"]}
+    if "masked_exact_target_soft_hidden" in mean:
+        result["hard_hidden_cost"] = mean["masked_exact_target"] - mean["masked_exact_target_soft_hidden"]
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

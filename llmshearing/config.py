@@ -18,10 +18,11 @@ from composer.core import Time, TimeUnit
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llmshearing.convert.checkpoint import DOMAIN_WEIGHTS_NAME, CheckpointError, load_domain_weights
+from llmshearing.convert.checkpoint import DOMAIN_WEIGHTS_NAME, CheckpointError, load_domain_weights, read_handover
 from llmshearing.convert.model_source import describe_expected, is_model_source, source_config
 from llmshearing.data.manifest import check_manifest, load_manifest
 from llmshearing.data.sampler import validate_proportions
+from llmshearing.distill import Divergence
 from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.target import validate_target
 from llmshearing.shape import ModelShape, ShapeError
@@ -62,8 +63,10 @@ class OnExhausted(str, Enum):
 
 
 class MixtureUpdate(str, Enum):
-    doremi = "doremi"
-    constant = "constant"
+    doremi = "doremi"  # exponentiated gradient against dynamic_loading.target_losses
+    teacher_gap = "teacher_gap"  # the same against the teacher's eval losses (needs distill:)
+    constant = "constant"  # baseline: the yaml's mixture, fixed
+    stratified = "stratified"  # baseline: the domains' token shares, fixed
 
 
 @dataclass
@@ -114,9 +117,19 @@ class DataSection:
 class DynamicLoadingSection:
     update: MixtureUpdate = MixtureUpdate.doremi
     target_losses: list[float] = field(default_factory=list)
+    target_offsets: list[float] = field(default_factory=list)  # teacher_gap: added to the teacher's losses
     eta: float = 1.0
     smoothing: float = 1e-4
     clip_negative: bool = True
+
+
+@dataclass
+class DistillSection:
+    """Distillation from a frozen teacher (`llmshearing.distill`), for pruning and continued pre-training."""
+    teacher: Optional[str] = None  # model dir or HF dir; default: the pruning run's source (see resolve_teacher)
+    alpha: float = 0.5  # weight of the distillation term; 1.0 = logits only
+    temperature: float = 1.0
+    divergence: Divergence = Divergence.forward_kl
 
 
 @dataclass
@@ -158,6 +171,7 @@ class TrainConfig:
     pruning: Optional[PruningSection] = None
     data: DataSection = field(default_factory=DataSection)
     dynamic_loading: Optional[DynamicLoadingSection] = None
+    distill: Optional[DistillSection] = None
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     max_duration: str = "???"
@@ -234,6 +248,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) ->
         raise ConfigError("config key 'optimizer.lr': must be > 0")
     if cfg.pruning is not None:
         _check_pruning(cfg, max_ba)
+    if cfg.distill is not None:
+        _check_distill(cfg, check_paths)
 
 
 def _check_model(cfg: TrainConfig, check_paths: bool) -> None:
@@ -305,6 +321,12 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
         if dl.update == "doremi" and len(dl.target_losses) != len(d.domains):
             raise ConfigError(f"config key 'dynamic_loading.target_losses': {len(dl.target_losses)} values for "
                               f"{len(d.domains)} domains {d.domains} (give one reference loss per domain)")
+        if dl.target_offsets and len(dl.target_offsets) != len(d.domains):
+            raise ConfigError(f"config key 'dynamic_loading.target_offsets': {len(dl.target_offsets)} values for "
+                              f"{len(d.domains)} domains {d.domains}")
+        if dl.update == "teacher_gap" and cfg.distill is None:
+            raise ConfigError("config key 'dynamic_loading.update': teacher_gap takes its reference losses from the "
+                              "distillation teacher: add a distill: section (distill.alpha may be 0)")
     if check_paths and "://" not in d.root:
         root = Path(d.root)
         if not root.is_dir():
@@ -343,9 +365,9 @@ def _check_special_tokens(model_cfg, manifest: dict[str, Any], root: Path) -> No
     if bos is not None and packed_bos and tok.get("bos_id") is not None and int(tok["bos_id"]) != int(bos):
         raise ConfigError(f"config key 'data.root': {root} was packed with bos_id={tok['bos_id']}, the model's "
                           f"config has bos_token_id={bos}: data made with another tokenizer?")
-    if bos is not None and not packed_bos:
-        log.warning("the model defines bos_token_id=%s but %s was packed without BOS (prepare-data --bos auto "
-                    "adds it)", bos, root)
+    if bos is not None and not packed_bos and manifest.get("packing", {}).get("tokenizer_adds_bos"):
+        log.warning("the model's tokenizer starts texts with BOS (id %s) but %s was packed without it "
+                    "(prepare-data --bos auto adds it)", bos, root)
 
 
 FROM_MODEL = "from_model"
@@ -353,8 +375,10 @@ FROM_MODEL = "from_model"
 
 def resolve_proportions(cfg: TrainConfig) -> list[float]:
     """The run's initial domain weights, in `data.domains` order (reads domain_weights.json for
-    `data.proportions: from_model`)."""
+    `data.proportions: from_model`; the domains' token shares for `dynamic_loading.update: stratified`)."""
     d = cfg.data
+    if cfg.dynamic_loading is not None and cfg.dynamic_loading.update == "stratified":
+        return _token_shares(cfg)
     if not isinstance(d.proportions, str):
         try:
             return [float(x) for x in d.proportions]
@@ -380,6 +404,51 @@ def resolve_proportions(cfg: TrainConfig) -> list[float]:
     w = [weights[dom] for dom in d.domains]
     total = sum(w)
     return [x / total for x in w]  # renormalised: the run may use a subset of the pruning run's domains
+
+
+def _token_shares(cfg: TrainConfig) -> list[float]:
+    """Each domain's share of the train tokens, from the data's manifest (rows of seq_len tokens)."""
+    d = cfg.data
+    manifest = load_manifest(d.root) if "://" not in d.root else None
+    split = (manifest or {}).get("splits", {}).get(d.train_split, {})
+    if not all(dom in split for dom in d.domains):
+        raise ConfigError("config key 'dynamic_loading.update': stratified needs the data's manifest.json with "
+                          f"the token counts of {list(d.domains)} under data.root ({d.root})")
+    counts = [float(split[dom]["tokens"]) for dom in d.domains]
+    return [c / sum(counts) for c in counts]
+
+
+def resolve_teacher(cfg: TrainConfig) -> str:
+    """distill.teacher, or by default the source of the pruning: the pruning run's own model.path, or
+    for continued pre-training the source the cut model was pruned from (prune-export records it)."""
+    if cfg.distill is None:
+        raise ConfigError("config key 'distill': not set")
+    if cfg.distill.teacher:
+        return cfg.distill.teacher
+    if cfg.pruning is not None and cfg.model.path is not None:
+        return cfg.model.path
+    handover = read_handover(cfg.model.path) if cfg.model.path is not None else None
+    if handover and handover.get("source_model"):
+        return str(handover["source_model"])
+    raise ConfigError("config key 'distill.teacher': not set, and there is no default (the pruning run's source: "
+                      "model.path of a pruning run, or the source recorded next to a prune-export output)")
+
+
+def _check_distill(cfg: TrainConfig, check_paths: bool) -> None:
+    ds = cfg.distill
+    if not 0.0 <= ds.alpha <= 1.0:
+        raise ConfigError(f"config key 'distill.alpha': must be in [0, 1] (1 = logits only), got {ds.alpha}")
+    if ds.temperature <= 0:
+        raise ConfigError(f"config key 'distill.temperature': must be > 0, got {ds.temperature}")
+    if not check_paths:
+        return
+    teacher = resolve_teacher(cfg)
+    if not is_model_source(teacher):
+        raise ConfigError(f"config key 'distill.teacher': {teacher} is not {describe_expected()}")
+    student = build_model_config(cfg)
+    if student is not None and source_config(teacher).shape.vocab_size != student.shape.vocab_size:
+        raise ConfigError(f"config key 'distill.teacher': {teacher} has vocab_size "
+                          f"{source_config(teacher).shape.vocab_size}, the student {student.shape.vocab_size}")
 
 
 def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:

@@ -27,7 +27,7 @@ from llmshearing.data.tokenizer import train_tokenizer
 from llmshearing.demo_corpus import DOMAINS, build_corpus
 from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.pruning.export import export_pruned
-from llmshearing.shape import format_params
+from llmshearing.shape import ModelShape, format_params
 
 # Composer (through llmshearing.config / .train) and transformers' models are imported inside the
 # functions that use them: this module is imported by `llmshearing --help` and every sub-command
@@ -46,6 +46,8 @@ class DemoPlan:
     prune_steps: int
     cpt_steps: int
     eval_seqs_per_domain: int
+    # overrides of the tiny yamls for a real source (sequence length, batch, learning rates, device)
+    overrides: tuple[str, ...] = ()
 
 
 # The source gets far more training than the pruning + continued pre-training budget, as a real
@@ -54,6 +56,31 @@ FULL = DemoPlan(chars_per_domain=1_500_000, vocab_size=1024, source_steps=1000, 
                 eval_seqs_per_domain=64)
 QUICK = DemoPlan(chars_per_domain=500_000, vocab_size=1024, source_steps=300, prune_steps=60, cpt_steps=60,
                  eval_seqs_per_domain=16)
+# A real pretrained source (`--source`): no source training; a pretrained model's weights take a
+# small learning rate, the masks and multipliers the paper's (lag_lr 1.0) with a short sparsity
+# warm-up, so that the expected shape reaches the target within the few steps of a CPU run.
+# REAL_QUICK fits 10 minutes of 2 CPU cores for a 135M source; REAL_FULL is sized for one GPU.
+_REAL = ("optimizer.lr=1e-4", "model.init=null", "pruning.lag_lr=1.0", "pruning.lagrangian_warmup=0.3dur")
+REAL_QUICK = DemoPlan(chars_per_domain=300_000, vocab_size=0, source_steps=0, prune_steps=40, cpt_steps=16,
+                      eval_seqs_per_domain=16,
+                      overrides=(*_REAL, "data.seq_len=128", "global_train_batch_size=8",
+                                 "device_train_microbatch_size=8", "device_eval_batch_size=16"))
+REAL_FULL = DemoPlan(chars_per_domain=1_500_000, vocab_size=0, source_steps=0, prune_steps=200, cpt_steps=200,
+                     eval_seqs_per_domain=64,
+                     overrides=(*_REAL, "data.seq_len=512", "global_train_batch_size=16",
+                                "device_train_microbatch_size=16", "device_eval_batch_size=16", "device=auto",
+                                "precision=amp_bf16"))
+
+
+def real_target(shape: ModelShape) -> ModelShape:
+    """About 40% of a source's parameters, GQA kept: 2/3 of the layers, of the query heads in every KV
+    group (all groups kept), of d_model and of the MLP channels (multiples of 64)."""
+    def two_thirds(n: int, step: int = 1) -> int:
+        return max(step, round(n * 2 / 3 / step) * step)
+
+    g = two_thirds(shape.group_size)
+    return shape.replace(n_layers=two_thirds(shape.n_layers), n_heads=g * shape.n_kv_heads,
+                         d_model=two_thirds(shape.d_model, 64), intermediate_size=two_thirds(shape.intermediate_size, 64))
 
 
 # ---- stages ------------------------------------------------------------------------------------
@@ -155,27 +182,54 @@ class _Run:
     data_root: Path | None = None
     seq_len: int = 0
     common: tuple[str, ...] = ()
+    prune_extra: tuple[str, ...] = ()  # the target shape of a real source
 
     def step(self, msg: str) -> None:
         print(f"[demo {time.time() - self.t0:6.1f}s] {msg}", flush=True)
 
 
-def _stage_data(r: _Run) -> tuple[dict[str, dict[str, int]], Path]:
-    """1-3: corpus, tokenizer, MDS shards."""
+def _stage_data(r: _Run, tok_dir: Path | None = None) -> tuple[dict[str, dict[str, int]], Path]:
+    """1-3: corpus, tokenizer (trained here unless the source brings one), MDS shards."""
     r.step("1/8 building a corpus from text on this machine (stdlib code, licenses, package descriptions)")
     corpus = build_corpus(r.out / "raw", r.plan.chars_per_domain)
     r.step("    " + ", ".join(f"{d}: {s['documents']} docs / {s['chars']:,} chars" for d, s in corpus.items()))
-    r.step("2/8 training a byte-level BPE tokenizer")
-    texts = [json.loads(line)["text"] for dom in DOMAINS for line in open(r.out / "raw" / dom / "docs.jsonl")]
-    tok_dir = Path(train_tokenizer(texts, vocab_size=r.plan.vocab_size, out_dir=r.out / "tokenizer"))
+    if tok_dir is None:
+        r.step("2/8 training a byte-level BPE tokenizer")
+        texts = [json.loads(line)["text"] for dom in DOMAINS for line in open(r.out / "raw" / dom / "docs.jsonl")]
+        tok_dir = Path(train_tokenizer(texts, vocab_size=r.plan.vocab_size, out_dir=r.out / "tokenizer"))
+    else:
+        r.step(f"2/8 using the source's tokenizer ({tok_dir})")
     r.step("3/8 tokenizing into MDS shards (train / eval per domain)")
-    r.seq_len = _tiny_config("prune.yaml").data.seq_len
+    r.seq_len = _tiny_config("prune.yaml", r.plan.overrides).data.seq_len
     r.data_root = r.out / "data"
     prepare({d: str(r.out / "raw" / d) for d in DOMAINS}, str(tok_dir), str(r.data_root), r.seq_len,
             eval_fraction=0.1, eval_sequences=r.plan.eval_seqs_per_domain, seed=0, workers=1, progress=False)
     # Composer's console logs off (each run's metrics are in runs/<stage>/logs-rank0.txt)
-    r.common = (f"data.root={r.data_root}", "loggers.console=false", "autoresume=false")
+    r.common = (f"data.root={r.data_root}", "loggers.console=false", "autoresume=false", *r.plan.overrides)
     return corpus, tok_dir
+
+
+def _stage_real_source(r: _Run, source: Path) -> Path:
+    """4 (real source): the source as our model dir with its tokenizer (a GGUF file or an HF dir is
+    converted first), and the pruning target of about 40% of its parameters."""
+    from llmshearing.convert.gguf import convert_gguf_to_llmshearing, is_gguf_file
+    from llmshearing.convert.hf import convert_hf_to_llmshearing, copy_tokenizer, is_hf_model_dir
+
+    src_dir = r.out / "models" / "source"
+    if is_gguf_file(source):
+        convert_gguf_to_llmshearing(source, src_dir)
+    elif is_hf_model_dir(source):
+        convert_hf_to_llmshearing(source, src_dir)
+        copy_tokenizer(source, src_dir)
+    else:
+        src_dir = source  # our model dir, with its tokenizer files beside the weights
+    shape = load_model(src_dir, weights=False).config.shape
+    tgt = real_target(shape)
+    r.step(f"    real source {source}: {shape.summary()}; pruning target {tgt.summary()} "
+           f"({tgt.n_params() / shape.n_params():.0%} of its parameters)")
+    r.prune_extra = tuple(f"pruning.target.{k}={getattr(tgt, k)}"
+                          for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "intermediate_size"))
+    return src_dir
 
 
 def _stage_source(r: _Run) -> Path:
@@ -208,7 +262,7 @@ def _stage_prune(r: _Run, src_dir: Path, ref: list[float]) -> tuple[Path, bool]:
         *r.common, f"model.path={src_dir}", "model.init=null", "run_name=prune", f"save_folder={r.out}/runs/prune",
         f"max_duration={n}ba", f"save_interval={n}ba", f"eval_interval={max(n // 5, 1)}ba",
         # reference losses: the source model's own (the maintainers' suggestion when no scaling law is at hand)
-        _target_losses(ref),
+        _target_losses(ref), *r.prune_extra,
     ], loggers=[mem])
     tr.close()
     return Path(pcfg.save_folder) / "latest-rank0.pt", _plot(mem, r.out / "pruning.png")
@@ -245,24 +299,36 @@ def _target_losses(ref: list[float]) -> str:
     return f"dynamic_loading.target_losses=[{','.join(f'{x:.4f}' for x in ref)}]"
 
 
-def _tiny_config(name: str):
+def _tiny_config(name: str, overrides: tuple[str, ...] = ()):
     """A tiny yaml as loaded with placeholder paths (for its shapes and batch sizes)."""
     from llmshearing.config import load_config
 
-    return load_config(_yaml(name), ["data.root=x", "model.path=x"] if name == "cpt.yaml" else ["data.root=x"])
+    paths = ["data.root=x", "model.path=x"] if name == "cpt.yaml" else ["data.root=x"]
+    return load_config(_yaml(name), paths + [o for o in overrides if not o.startswith("model.init")])
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = False) -> dict[str, Any]:
+def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = False,
+             source: str | Path | None = None) -> dict[str, Any]:
+    """The toy pipeline, or with `source` (a GGUF file, HF dir or our model dir, with its tokenizer)
+    the same stages on a real pretrained model."""
     from llmshearing.convert.hf import convert_composer_to_hf
 
     out = Path(out).resolve()
     _prepare_out(out, keep)
-    r = _Run(out=out, plan=QUICK if quick else FULL, t0=time.time())
+    if source is None:
+        plan = QUICK if quick else FULL
+    else:
+        plan = REAL_QUICK if quick else REAL_FULL
+    r = _Run(out=out, plan=plan, t0=time.time())
     torch.manual_seed(0)
     # Lock CPU threads so timings and results don't depend on the machine's core count.
     torch.set_num_threads(min(4, os.cpu_count() or 1))
-    corpus, tok_dir = _stage_data(r)
-    models = {"source": _stage_source(r)}
+    if source is None:
+        corpus, tok_dir = _stage_data(r)
+        models = {"source": _stage_source(r)}
+    else:
+        models = {"source": _stage_real_source(r, Path(source))}
+        corpus, tok_dir = _stage_data(r, models["source"])
     losses = {"source": evaluate(load_model(models["source"]), r.data_root, r.seq_len)}
     ref = [losses["source"][d] for d in DOMAINS]
     prune_ckpt, plot_ok = _stage_prune(r, models["source"], ref)
@@ -284,7 +350,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
 
     steps = {"source": r.plan.source_steps, "pruned": r.plan.prune_steps, "continued": r.plan.cpt_steps,
              "scratch": r.plan.prune_steps + r.plan.cpt_steps}
-    gbs = _tiny_config("cpt.yaml").global_train_batch_size
+    gbs = _tiny_config("cpt.yaml", r.plan.overrides).global_train_batch_size
     shapes = {k: load_model(d, weights=False).config.shape for k, d in models.items()}
     result = {
         "out": str(out), "hf_dir": str(hf_dir), "plot": str(out / "pruning.png") if plot_ok else None,
@@ -342,4 +408,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="fewer steps and less data (about a minute; for tests)")
     p.add_argument("--keep", action="store_true", help="reuse an existing demo folder instead of starting clean")
-    p.set_defaults(func=lambda a: (run_demo(a.out, quick=a.quick, keep=a.keep), 0)[1])
+    p.add_argument("--source", default=None, metavar="MODEL",
+                   help="shear a real pretrained model instead of the toy one: a GGUF file, a Hugging Face dir or "
+                        "an llmshearing model dir, with its tokenizer (--quick: ~10 min on CPU for a 135M model)")
+    p.set_defaults(func=lambda a: (run_demo(a.out, quick=a.quick, keep=a.keep, source=a.source), 0)[1])

@@ -21,6 +21,7 @@ from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist
 from streaming.base.util import clean_stale_shared_memory
 
+from llmshearing.callbacks.distillation import DistillationCallback
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshearing.callbacks.model_info import ModelInfo
 from llmshearing.callbacks.pruning import PruningCallback
@@ -31,6 +32,7 @@ from llmshearing.config import (
     load_config,
     pruning_target,
     resolve_proportions,
+    resolve_teacher,
     time_in_batches,
     to_yaml,
     validate,
@@ -131,16 +133,26 @@ def build_callbacks(cfg: TrainConfig, composer_model) -> list:
     pruning_info = None
     if composer_model.l0 is not None:
         pruning_info = composer_model.l0.config_dict()
-    cbs: list = [ModelInfo(composer_model.config, pruning_info), SpeedMonitor(window_size=10), LRMonitor()]
+    cbs: list = [ModelInfo(composer_model.config, pruning_info, source_path=cfg.model.path),
+                 SpeedMonitor(window_size=10), LRMonitor()]
     if cfg.pruning is not None:
         cbs.append(PruningCallback(save_folder=cfg.save_folder,
                                    log_interval=time_in_batches(cfg.loggers.console_interval, "loggers.console_interval")))
+    mixing = None
     if cfg.dynamic_loading is not None:
         dl = cfg.dynamic_loading
-        cbs.append(DynamicLoadingCallback(
+        mixing = DynamicLoadingCallback(
             domains=list(cfg.data.domains), target_losses=list(dl.target_losses) or None, update=dl.update.value,
             eta=dl.eta, smoothing=dl.smoothing, clip_negative=dl.clip_negative,
-        ))
+            target_offsets=list(dl.target_offsets) or None,
+        )
+        cbs.append(mixing)
+    if cfg.distill is not None:
+        ds = cfg.distill
+        teacher_gap = mixing if mixing is not None and mixing.update == "teacher_gap" else None
+        cbs.append(DistillationCallback(resolve_teacher(cfg), alpha=ds.alpha, temperature=ds.temperature,
+                                        divergence=ds.divergence.value, teacher_gap=teacher_gap,
+                                        eval_batch_size=cfg.device_eval_batch_size))
     return cbs
 
 

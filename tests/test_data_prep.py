@@ -82,7 +82,7 @@ def test_packing_without_bos(corpus, tmp_path):
     encode, eos, _ = _hf_encode(tok_dir)
     m = prepare({"book": raw / "book"}, tok_dir, tmp_path / "p", SEQ, eval_fraction=0.0, seed=SEED, progress=False,
                 bos=False, shuffle_files=False)
-    assert m["packing"] == {"bos": False, "document": "doc + EOS"}
+    assert m["packing"] == {"bos": False, "document": "doc + EOS", "tokenizer_adds_bos": True}
     stream = [t for rel in m["files"]["book"] for text in docs["book"][rel] for t in encode(text) + [eos]]
     rows, _ = _read_rows(tmp_path / "p" / "train" / "book")
     assert rows.reshape(-1).tolist() == stream[: rows.size]

@@ -77,8 +77,12 @@ class Runs:
 
     def launch(self, nproc: int, stage: str, name: str, micro: int, env: dict | None = None):
         out, save = self.tmp / name / "rec", self.tmp / name / "ckpt"
+        extra = []
+        if name.startswith("distill"):  # continued pre-training distilled from the pruning source
+            extra = [f"distill={{teacher: {self.src_dir}, alpha: 0.5, temperature: 2.0}}",
+                     "dynamic_loading.update=teacher_gap"]
         cmd = [str(COMPOSER), "-n", str(nproc), "tests/_mp_driver.py", str(out), str(PRUNE if stage == "prune" else CPT),
-               *self.overrides(stage, save, nproc, micro)]
+               *self.overrides(stage, save, nproc, micro), *extra]
         e = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", WANDB_MODE="offline", **(env or {}))
         p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=HANG_GUARD_S)
         return p, out, save
@@ -87,9 +91,10 @@ class Runs:
         if name in self._done:
             return self._done[name]
         stage, nproc, micro = {"prune2": ("prune", 2, 8), "prune1": ("prune", 1, 8),
-                               "cpt2": ("cpt", 2, 8), "cpt1": ("cpt", 1, 16), "killed": ("prune", 2, 8)}[name]
+                               "cpt2": ("cpt", 2, 8), "cpt1": ("cpt", 1, 16), "killed": ("prune", 2, 8),
+                               "distill2": ("cpt", 2, 8), "distill_killed": ("cpt", 2, 8)}[name]
         r: dict = {}
-        if name == "killed":
+        if name in ("killed", "distill_killed"):
             p, _, save = self.launch(nproc, stage, name, micro, env={"DRIVER_KILL_AT": "6"})
             r["first"] = p
             r["ckpt_after_kill"] = sorted(x.name for x in save.glob("ep*-ba*-rank0.pt"))
@@ -251,3 +256,20 @@ def test_two_rank_checkpoints_export(runs, tmp_path):
     x = torch.randint(0, ours.config.shape.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() < 1e-4  # fp32, random-init-scale weights
+
+
+# ------------------------------------------------------------------------------------- distillation
+def test_two_rank_distillation_with_teacher_gap_resumes_exactly(runs):
+    """Continued pre-training distilled from the pruning source (alpha 0.5, T 2) with teacher-gap
+    mixing on 2 ranks: it runs, both ranks hold the same teacher references, and a run killed after
+    its first checkpoint resumes to exactly the uninterrupted run's weights and mixture (1e-6)."""
+    full, k = runs.get("distill2"), runs.get("distill_killed")
+    cb = full["ckpt"]["state"]["callbacks"]["DynamicLoadingCallback"]
+    assert set(cb["teacher_losses"]) == set(DOMAINS)
+    assert full["recs"][0]["proportion_history"] == full["recs"][1]["proportion_history"]
+    assert k["first"].returncode != 0 and k["ckpt_after_kill"] == ["ep0-ba4-rank0.pt"]
+    a, b = _model_state(k["ckpt"]), _model_state(full["ckpt"])
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0, msg=n)
+    assert _loader_state(k["ckpt"])["proportion_history"] == _loader_state(full["ckpt"])["proportion_history"]
+    assert k["ckpt"]["state"]["callbacks"]["DynamicLoadingCallback"]["teacher_losses"] == cb["teacher_losses"]

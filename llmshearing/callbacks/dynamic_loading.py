@@ -31,7 +31,12 @@ from llmshearing.data.sampler import DynamicBatchSampler, per_domain
 
 log = logging.getLogger(__name__)
 
-UPDATES = ("doremi", "constant")
+#: doremi: exponentiated gradient against the given reference losses; teacher_gap: the same rule with
+#: the teacher's own eval losses (+ offsets) as the references (set by the distillation callback);
+#: constant: the yaml's mixture, fixed; stratified: fixed at the domains' token shares (the loader is
+#: built with them). The last two are the baselines every mixing method should be compared with.
+UPDATES = ("doremi", "teacher_gap", "constant", "stratified")
+_FIXED = ("constant", "stratified")
 
 
 def doremi_update(weights: Sequence[float] | np.ndarray, losses: Sequence[float] | np.ndarray,
@@ -74,7 +79,8 @@ class DynamicLoadingCallback(Callback):
 
     def __init__(self, domains: Sequence[str], target_losses: Sequence[float] | Mapping[str, float] | None,
                  update: str = "doremi", eta: float = 1.0, smoothing: float = 1e-4, clip_negative: bool = True,
-                 metric_name: str = "LanguageCrossEntropy") -> None:
+                 metric_name: str = "LanguageCrossEntropy",
+                 target_offsets: Sequence[float] | Mapping[str, float] | None = None) -> None:
         domains = [str(d) for d in domains]
         if not domains:
             raise ValueError("domains: need at least one domain")
@@ -82,8 +88,8 @@ class DynamicLoadingCallback(Callback):
         if dup:
             raise ValueError(f"domains: names must be unique, repeated: {dup}")
         if target_losses is None:
-            # 'constant' only logs the per-domain losses; it needs no reference.
-            if update != "constant":
+            # the fixed mixtures only log the per-domain losses; teacher_gap gets its references later
+            if update not in (*_FIXED, "teacher_gap"):
                 raise ValueError(f"target_losses: required for update={update!r} (one reference loss per domain)")
             target_losses = [0.0] * len(domains)
         targets = per_domain(target_losses, domains, "target_losses")
@@ -101,6 +107,9 @@ class DynamicLoadingCallback(Callback):
             raise ValueError(f"smoothing: must be in [0, 1), got {smoothing!r}")
         self.domains = domains
         self.target_losses = np.asarray(targets, dtype=np.float64)
+        offsets = per_domain(target_offsets, domains, "target_offsets") if target_offsets else [0.0] * len(domains)
+        self.target_offsets = np.asarray([float(x) for x in offsets], dtype=np.float64)
+        self.teacher_losses: dict[str, float] | None = None  # teacher_gap: set once, kept in the checkpoint
         self.update = update
         self.eta = float(eta)
         self.smoothing = float(smoothing)
@@ -122,6 +131,15 @@ class DynamicLoadingCallback(Callback):
                 raise ValueError(f"domains: callback has {self.domains} but the train loader has {sampler.domains}")
             self._sampler = sampler
         return self._sampler
+
+    @property
+    def has_reference_losses(self) -> bool:
+        return self.update != "teacher_gap" or self.teacher_losses is not None
+
+    def set_reference_losses(self, losses: Mapping[str, float]) -> None:
+        """teacher_gap: the teacher's per-domain eval losses (+ target_offsets) become the references."""
+        self.teacher_losses = {d: float(losses[d]) for d in self.domains}
+        self.target_losses = np.asarray([self.teacher_losses[d] for d in self.domains]) + self.target_offsets
 
     @property
     def weights(self) -> np.ndarray | None:
@@ -170,7 +188,10 @@ class DynamicLoadingCallback(Callback):
             log.warning("dynamic loading: non-finite eval loss %s; weights unchanged", self.last_losses)
             logger.log_metrics(metrics)
             return
-        if self.update == "doremi":
+        if self.update not in _FIXED:
+            if not self.has_reference_losses:
+                raise RuntimeError("teacher_gap: no teacher eval losses yet (the distillation callback sets them "
+                                   "at fit start)")
             new = doremi_update(old, losses, self.target_losses, self.eta, self.smoothing, self.clip_negative)
             at = int(state.timestamp.batch)
             from_batch = sampler.set_proportions(new, from_batch=at)
@@ -193,8 +214,11 @@ class DynamicLoadingCallback(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         # The weights live in the sampler state (train dataset checkpoint); only bookkeeping here.
-        return {"num_updates": self.num_updates, "last_losses": dict(self.last_losses)}
+        return {"num_updates": self.num_updates, "last_losses": dict(self.last_losses),
+                "teacher_losses": self.teacher_losses}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_updates = int(state.get("num_updates", 0))
         self.last_losses = dict(state.get("last_losses", {}))
+        if state.get("teacher_losses") is not None:  # a resumed teacher_gap run keeps its references
+            self.set_reference_losses(state["teacher_losses"])

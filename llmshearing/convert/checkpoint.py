@@ -53,22 +53,38 @@ def save_model_dir(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_di
     return out
 
 
-def save_domain_weights(out_dir: str | Path, weights: dict[str, float], source: str) -> Path:
+def save_domain_weights(out_dir: str | Path, weights: dict[str, float], source: str,
+                        source_model: str | None = None) -> Path:
+    """What a pruning run hands over to continued pre-training: its final mixture, the checkpoint it
+    came from and the source model it pruned (the default distillation teacher)."""
     path = Path(out_dir) / DOMAIN_WEIGHTS_NAME
-    path.write_text(json.dumps({"weights": weights, "source": source}, indent=2) + "\n")
+    path.write_text(json.dumps({"weights": weights, "source": source, "source_model": source_model}, indent=2) + "\n")
     return path
 
 
-def load_domain_weights(model_dir: str | Path) -> dict[str, float] | None:
-    """{domain: weight} saved next to a model by prune-export, or None when there is none."""
+def read_handover(model_dir: str | Path) -> dict[str, Any] | None:
+    """The whole domain_weights.json next to a model, or None when there is none."""
     path = Path(model_dir) / DOMAIN_WEIGHTS_NAME
     if not path.is_file():
         return None
     try:
-        w = json.loads(path.read_text())["weights"]
-        return {str(k): float(v) for k, v in w.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or not isinstance(doc.get("weights"), dict):
+            raise ValueError("no 'weights' mapping")
+        return doc
+    except ValueError as e:
         raise CheckpointError(f"{path}: not a domain-weights file ({{'weights': {{domain: weight}}}}): {e}") from e
+
+
+def load_domain_weights(model_dir: str | Path) -> dict[str, float] | None:
+    """{domain: weight} saved next to a model by prune-export, or None when there is none."""
+    doc = read_handover(model_dir)
+    if doc is None:
+        return None
+    try:
+        return {str(k): float(v) for k, v in doc["weights"].items()}
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{Path(model_dir) / DOMAIN_WEIGHTS_NAME}: weights must be numbers: {e}") from e
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -184,6 +200,7 @@ class ComposerCheckpoint:
     model_config: ModelConfig
     pruning: dict[str, Any] | None
     dataset_state: dict[str, Any] | None
+    source_path: str | None = None  # the run's model.path (ModelInfo), e.g. the source a pruning run pruned
 
 
 def torch_load(path: str | Path, weights_only: bool) -> Any:
@@ -236,8 +253,10 @@ def read_composer_checkpoint(path: str | Path) -> ComposerCheckpoint:
         raise CheckpointError(f"{p}: no model weights under ['state']['model']; expected {expected}")
     cfg, pruning = read_model_info(state, str(p))
     ds = (state.get("dataset_state") or {}).get("train")
+    info = (state.get(_MODEL_INFO[1]) or {}).get(_MODEL_INFO[2]) or {}
     return ComposerCheckpoint(path=p, model_state={unwrap_key(k): v for k, v in model.items()}, model_config=cfg,
-                              pruning=pruning or None, dataset_state=ds if isinstance(ds, dict) else None)
+                              pruning=pruning or None, dataset_state=ds if isinstance(ds, dict) else None,
+                              source_path=info.get("source_path"))
 
 
 def _read_sharded_state(folder: Path) -> dict[str, Any]:

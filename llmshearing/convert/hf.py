@@ -131,7 +131,7 @@ def _check_export_dir(out: Path) -> None:
         raise ValueError(f"{out}: already contains other weight files {sorted(stale)}; export into an empty directory")
 
 
-def _copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> list[str]:
+def copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> list[str]:
     tok = Path(tokenizer_dir)
     if not tok.is_dir():
         raise FileNotFoundError(f"{tok}: tokenizer directory not found")
@@ -157,7 +157,7 @@ def _export_sources(sources: Sequence[Source], entries: dict[str, Entry], cfg: M
     stream_copy(entries, sources, out / "model.safetensors", dtype, desc="llmshearing->hf")
     (out / HF_CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n")
     if tokenizer_dir is not None:
-        logger.info("copied tokenizer files %s", _copy_tokenizer(tokenizer_dir, out))
+        logger.info("copied tokenizer files %s", copy_tokenizer(tokenizer_dir, out))
     return out
 
 

@@ -77,7 +77,7 @@ def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path
         raise CheckpointError(f"{ckpt_path}: the checkpoint has no pruning setup (ModelInfo.pruning is empty); "
                               "is it a pruning run?")
     model_sd, l0_sd = split_composer_state(ck.model_state)
-    final_weights = _final_domain_weights(ck.dataset_state)
+    final_weights, source_model = _final_domain_weights(ck.dataset_state), ck.source_path
     del ck
     model = model_from_state_dict(cfg, model_sd, source=str(ckpt_path))
     l0 = L0Module.from_config_dict(cfg.shape, pruning, eval_target_model=True)
@@ -103,7 +103,7 @@ def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path
     save_model_dir(sd, cut.config, out_dir)
     report["out_dir"] = str(out_dir)
     if final_weights is not None:  # continued pre-training starts from them (data.proportions: from_model)
-        save_domain_weights(out_dir, final_weights, source=str(ckpt_path))
+        save_domain_weights(out_dir, final_weights, source=str(ckpt_path), source_model=source_model)
         report["domain_weights"] = final_weights
     if hf_dir is not None:
         from llmshearing.convert.hf import export_to_hf  # lazy: optional path, heavier imports

@@ -1,0 +1,138 @@
+"""DistillationCallback: a frozen teacher's logits as extra targets (see `llmshearing.distill`).
+
+The teacher lives in this callback, not in the trained model: it is then outside the optimizer
+(no optimizer state), outside DDP (no gradient all-reduce), and outside the checkpoints (a 7B
+teacher is not saved again with every student checkpoint; it is reloaded from `distill.teacher`).
+
+- FIT_START (or the evaluation before it, `eval_first`): load the teacher (memory-mapped file, fp32 master copy like the student's), freeze it
+  (eval mode, requires_grad False), move it to the run's device; under FSDP, shard it like the
+  student (each decoder layer its own unit). With teacher-gap mixing, compute its per-domain eval
+  losses on the run's eval rows once and hand them to the dynamic-loading callback (which keeps
+  them in the checkpoint, so a resumed run does not recompute them).
+- AFTER_FORWARD (every microbatch): the teacher's logits for the same rows, without gradients, in
+  the run's precision.
+- AFTER_LOSS: loss['kd_loss'] = T^2 KL, loss['total'] += alpha * (kd_loss - ce_loss), i.e.
+  total = (1 - alpha) * CE + alpha * KD (+ the Lagrangian when pruning).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from composer.core import Callback, State, get_precision_context
+from composer.loggers import Logger
+from composer.utils import dist
+
+from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshearing.convert.model_source import load_source_model
+from llmshearing.distill import Divergence, distillation_loss
+from llmshearing.models.composer_model import shift_targets
+from llmshearing.models.llama import DecoderLayer
+
+log = logging.getLogger(__name__)
+
+
+class DistillationCallback(Callback):
+    def __init__(self, teacher: str, alpha: float = 0.5, temperature: float = 1.0,
+                 divergence: str = Divergence.forward_kl, teacher_gap: DynamicLoadingCallback | None = None,
+                 eval_batch_size: int = 8) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.teacher_path = str(teacher)
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.divergence = Divergence(divergence)
+        self.teacher_gap = teacher_gap
+        self.eval_batch_size = int(eval_batch_size)
+        self.teacher: torch.nn.Module | None = None
+        self._logits: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._setup(state, logger)
+
+    def eval_standalone_start(self, state: State, logger: Logger) -> None:  # eval_first runs before fit
+        self._setup(state, logger)
+
+    def _setup(self, state: State, logger: Logger) -> None:
+        if self.teacher is None:
+            self.teacher = self._load_teacher(state)
+        if self.teacher_gap is not None and not self.teacher_gap.has_reference_losses:
+            losses = self.teacher_eval_losses(state)
+            log.info("teacher-gap mixing: the teacher's eval losses are the reference losses: %s",
+                     ", ".join(f"{d}={v:.4f}" for d, v in losses.items()))
+            self.teacher_gap.set_reference_losses(losses)
+            logger.log_metrics({f"data/teacher_loss/{d}": v for d, v in losses.items()})
+
+    def _load_teacher(self, state: State) -> torch.nn.Module:
+        student = state.model
+        teacher = load_source_model(self.teacher_path, dtype=torch.float32)
+        teacher.eval().requires_grad_(False)
+        if teacher.config.shape.vocab_size != _vocab_size(student):
+            raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary {teacher.config.shape.vocab_size} "
+                             f"differs from the student's {_vocab_size(student)}")
+        teacher = state.device.module_to_device(teacher)
+        if state.fsdp_enabled:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            teacher = FullyShardedDataParallel(teacher, auto_wrap_policy=ModuleWrapPolicy({DecoderLayer}),
+                                               device_id=torch.cuda.current_device(), use_orig_params=True)
+        n = sum(p.numel() for p in teacher.parameters())
+        log.info("distillation: teacher %s (%s parameters) frozen, alpha=%s T=%s %s", self.teacher_path, f"{n:,}",
+                 self.alpha, self.temperature, self.divergence.value)
+        return teacher
+
+    # ------------------------------------------------------------------ training
+    def after_forward(self, state: State, logger: Logger) -> None:
+        with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
+            self._logits = self.teacher(state.batch["input_ids"])
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        loss, outputs = state.loss, state.outputs
+        if not isinstance(loss, dict) or "total" not in loss or "ce_loss" not in loss:
+            raise TypeError("DistillationCallback expects the model's loss() to return {'ce_loss', 'total', ...}")
+        targets = shift_targets(state.batch["input_ids"])
+        kd = distillation_loss(outputs["logits"], self._logits, targets, self.temperature, self.divergence)
+        self._logits = None
+        loss["kd_loss"] = kd
+        loss["total"] = loss["total"] + self.alpha * (kd - loss["ce_loss"])
+
+    # ------------------------------------------------------------------ teacher-gap references
+    @torch.no_grad()
+    def teacher_eval_losses(self, state: State) -> dict[str, float]:
+        """Token-mean next-token loss of the teacher on each domain's eval rows, every row once: each
+        rank reads its share (the rows its DistributedSampler deals it, without the padding repeats)
+        and the sums are all-reduced."""
+        out = {}
+        for evaluator in state.evaluators:
+            loader = evaluator.dataloader.dataloader
+            sampler, dataset = loader.sampler, loader.dataset
+            world, rank = dist.get_world_size(), dist.get_global_rank()
+            rows = [idx for i, idx in enumerate(sampler) if i * world + rank < len(dataset)]
+            total = state.device.tensor_to_device(torch.zeros(2, dtype=torch.float64))
+            for start in range(0, len(rows), self.eval_batch_size):
+                ids = torch.stack([dataset[j]["input_ids"] for j in rows[start:start + self.eval_batch_size]])
+                ids = state.device.tensor_to_device(ids)
+                with get_precision_context(state.precision, state.precision_config):
+                    logits = self.teacher(ids)
+                t = shift_targets(ids)
+                total[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), t.reshape(-1),
+                                            ignore_index=-100, reduction="sum").double()
+                total[1] += (t != -100).sum()
+            dist.all_reduce(total, reduce_operation="SUM")
+            out[evaluator.label] = float(total[0] / total[1])
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the teacher is reloaded from distill.teacher; its eval losses live in the loader callback
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    m = model
+    while not hasattr(m, "config") and hasattr(m, "module"):
+        m = m.module
+    return m.config.shape.vocab_size
