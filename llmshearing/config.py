@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llmshearing.convert.checkpoint import DOMAIN_WEIGHTS_NAME, CheckpointError, load_domain_weights, read_handover
-from llmshearing.convert.model_source import describe_expected, is_model_source, source_config
+from llmshearing.convert.model_source import check_weight_files, describe_expected, is_model_source, source_config
+from llmshearing.data.integrity import DataIntegrityError, check_shards
 from llmshearing.data.manifest import check_manifest, load_manifest
 from llmshearing.data.sampler import validate_proportions
 from llmshearing.distill import Divergence
@@ -111,6 +112,7 @@ class DataSection:
     # rows of every domain's eval split used per evaluation (the first N, all ranks together, so the
     # same rows whatever the world size); None: the whole split
     eval_rows_per_domain: Optional[int] = None
+    validate_hash: bool = False  # also check every shard's recorded hash before training (reads all data)
 
 
 @dataclass
@@ -261,6 +263,10 @@ def _check_model(cfg: TrainConfig, check_paths: bool) -> None:
         if not is_model_source(m.path):
             raise ConfigError(f"config key 'model.path': {m.path} is not {describe_expected()}; convert other "
                               "formats (e.g. GGUF) with `llmshearing convert hf-to-composer SRC OUT`")
+        try:
+            check_weight_files(m.path)
+        except CheckpointError as e:
+            raise ConfigError(f"config key 'model.path': {e}") from e
     build_model_config(cfg, check_paths=check_paths)
 
 
@@ -337,6 +343,11 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
                 have = sorted(p.name for p in (root / split).iterdir()) if (root / split).is_dir() else []
                 raise ConfigError(f"config key 'data.domains': no folder {root / split}/<domain> for {missing}; "
                                   f"found domains {have}")
+        for split in (d.train_split, d.eval_split):
+            try:
+                check_shards(root, split, list(d.domains), validate_hash=d.validate_hash)
+            except DataIntegrityError as e:
+                raise ConfigError(f"config key 'data.root': {e}") from e
         manifest = load_manifest(root)
         if manifest is not None:
             for split in (d.train_split, d.eval_split):

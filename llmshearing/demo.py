@@ -91,12 +91,12 @@ def _yaml(name: str) -> Path:
     return p
 
 
-def _train(yaml_name: str, overrides: list[str], loggers=()):
+def _train(yaml_name: str, overrides: list[str], loggers=(), callbacks=()):
     from llmshearing.config import load_config
     from llmshearing.train import build_trainer
 
     cfg = load_config(_yaml(yaml_name), overrides)
-    trainer = build_trainer(cfg, extra_loggers=loggers)
+    trainer = build_trainer(cfg, extra_loggers=loggers, extra_callbacks=callbacks)
     trainer.fit()
     return trainer, cfg
 
@@ -356,7 +356,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
         "out": str(out), "hf_dir": str(hf_dir), "plot": str(out / "pruning.png") if plot_ok else None,
         "losses": losses, "shapes": {k: s.to_dict() for k, s in shapes.items()},
         "params": {k: s.n_params() for k, s in shapes.items()},
-        "tokens": {k: v * gbs * r.seq_len for k, v in steps.items()}, "prune_report": report,
+        "tokens": {k: v * gbs * r.seq_len for k, v in steps.items()}, "steps": steps, "prune_report": report,
         "final_domain_weights": report["domain_weights"], "hf_max_abs_logit_diff": max_diff,
         "seconds": round(time.time() - r.t0, 1), "corpus": corpus,
     }
@@ -411,4 +411,20 @@ def register(subparsers) -> None:
     p.add_argument("--source", default=None, metavar="MODEL",
                    help="shear a real pretrained model instead of the toy one: a GGUF file, a Hugging Face dir or "
                         "an llmshearing model dir, with its tokenizer (--quick: ~10 min on CPU for a 135M model)")
-    p.set_defaults(func=lambda a: (run_demo(a.out, quick=a.quick, keep=a.keep, source=a.source), 0)[1])
+    p.add_argument("--compare", action="store_true",
+                   help="then compare recovery recipes on the cut model at equal tokens (LM + DoReMi, distillation + "
+                        "teacher-gap mixing, distillation + constant mixture, LM + stratified; see llmshearing.recovery)")
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(a) -> int:
+    run_demo(a.out, quick=a.quick, keep=a.keep, source=a.source)
+    if a.compare:
+        from llmshearing.recovery import compare, format_comparison, plot
+
+        r = compare(a.out)
+        plot(r, Path(a.out) / "recovery.png")
+        (Path(a.out) / "recovery.json").write_text(json.dumps(r, indent=1) + "\n")
+        print("\nrecovery of the cut model at equal tokens (eval loss per domain, nats/token):")
+        print(format_comparison(r))
+    return 0

@@ -6,6 +6,7 @@ be checked cheaply is checked (config.validate) before a model or a loader is bu
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from streaming.base.util import clean_stale_shared_memory
 
 from llmshearing.callbacks.distillation import DistillationCallback
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshearing.callbacks.guard import LossGuard, NonFiniteLossError
 from llmshearing.callbacks.model_info import ModelInfo
 from llmshearing.callbacks.pruning import PruningCallback
 from llmshearing.config import (
@@ -43,6 +45,7 @@ from llmshearing.logs import setup_logging
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.pruning.l0 import L0Module, pruning_param_groups
+from llmshearing.resume import SAVED_CONFIG, check_unchanged, repair_latest_link
 
 log = logging.getLogger("llmshearing.train")
 
@@ -134,7 +137,7 @@ def build_callbacks(cfg: TrainConfig, composer_model) -> list:
     if composer_model.l0 is not None:
         pruning_info = composer_model.l0.config_dict()
     cbs: list = [ModelInfo(composer_model.config, pruning_info, source_path=cfg.model.path),
-                 SpeedMonitor(window_size=10), LRMonitor()]
+                 SpeedMonitor(window_size=10), LRMonitor(), LossGuard(cfg.save_folder)]
     if cfg.pruning is not None:
         cbs.append(PruningCallback(save_folder=cfg.save_folder,
                                    log_interval=time_in_batches(cfg.loggers.console_interval, "loggers.console_interval")))
@@ -197,6 +200,27 @@ def fsdp_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     }}
 
 
+def _prepare_save_folder(cfg: TrainConfig, rank: int) -> None:
+    """Before the Trainer autoresumes: refuse a resume under a changed config, repair the latest
+    link after an interrupted save (see llmshearing.resume), then record this launch's config."""
+    folder = Path(cfg.save_folder)
+    problem = [None]
+    if cfg.autoresume and rank == 0 and folder.is_dir():
+        resumable = repair_latest_link(folder)
+        changed = check_unchanged(folder, cfg) if resumable else []
+        if changed:
+            key, old, new = changed[0]
+            problem[0] = (f"config key '{key}': {folder} holds a checkpoint of a run with {key}={old}, this launch "
+                          f"has {key}={new}; a resume would not continue that run (use another save_folder, or "
+                          "autoresume=false to start over)")
+    dist.broadcast_object_list(problem, src=0)  # every rank stops, none waits for the others
+    if problem[0]:
+        raise ConfigError(problem[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (folder / SAVED_CONFIG).write_text(to_yaml(cfg))
+
+
 def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
     """Validate, then build every component and the Trainer (does not call fit).
 
@@ -216,9 +240,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
     composer_model = build_model(cfg, rank, world_size, sharded)
     optimizer = build_optimizer(cfg, composer_model)
     train_dl, evaluators = build_dataloaders(cfg, world_size, rank)
-    Path(cfg.save_folder).mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (Path(cfg.save_folder) / "config.yaml").write_text(to_yaml(cfg))
+    _prepare_save_folder(cfg, rank)
     algorithms = []
     if cfg.grad_clip_norm:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm))
@@ -290,6 +312,17 @@ def main(argv: list[str] | None = None, extra_callbacks=()) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"training stopped: no space left on the device while writing {e.filename or 'a checkpoint'} "
+              f"(save_folder {cfg.save_folder}); the checkpoints saved before are intact and `latest-rank0.pt` "
+              "points at the newest complete one: free space, then relaunch the same command to resume",
+              file=sys.stderr)
+        return 1
     losses = final_eval_losses(trainer)
     if dist.get_global_rank() == 0:
         print("final eval loss per domain: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))

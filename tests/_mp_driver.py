@@ -5,16 +5,23 @@
 writes OUT_DIR/rank{r}.json per rank: the global sample ids of every batch this rank trained on,
 the masks this rank sampled in step 1 (pruning), the per-domain eval losses of every evaluation,
 and the train sampler's proportion history. `DRIVER_KILL_AT=N` SIGKILLs rank 1 at the start of
-batch N (a node lost mid-run; the launcher then stops the other ranks).
+batch N (a node lost mid-run; the launcher then stops the other ranks). Fault injection for
+tests/test_faults.py: `DRIVER_KILL_IN_SAVE=N` SIGKILLs rank 0 halfway through writing the checkpoint
+of batch N; `DRIVER_ENOSPC_AT=N` makes that write fail with ENOSPC after half the bytes (disk
+full); `DRIVER_NAN_AT=N` turns the model's weights into NaN at the start of batch N.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import signal
 import sys
 from pathlib import Path
+
+import torch
 
 from composer.core import Callback
 from composer.utils import dist
@@ -54,6 +61,10 @@ class Recorder(Callback):
         b = int(state.timestamp.batch)
         if b == self.kill_at and dist.get_global_rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if b == int(os.environ.get("DRIVER_NAN_AT", "-1")):
+            with torch.no_grad():
+                for p in state.model.parameters():
+                    p.fill_(float("nan"))
         self.rec["ids"][b] = state.batch["idx"].tolist()
 
     def eval_after_all(self, state, logger) -> None:
@@ -70,5 +81,30 @@ class Recorder(Callback):
         (self.out / f"rank{dist.get_global_rank()}.json").write_text(json.dumps(self.rec))
 
 
+def _inject_save_faults() -> None:
+    """Replace Composer's checkpoint-file writer so that the save of the chosen batch stops halfway."""
+    from composer.utils import checkpoint
+
+    kill_at, enospc_at = os.environ.get("DRIVER_KILL_IN_SAVE"), os.environ.get("DRIVER_ENOSPC_AT")
+    if not (kill_at or enospc_at):
+        return
+    write = checkpoint._write_checkpoint_file
+
+    def faulty(state_dict, filename: str) -> None:
+        at = kill_at or enospc_at
+        if f"-ba{at}-" not in os.path.basename(filename):
+            return write(state_dict, filename)
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        with open(filename, "wb") as f:
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        if kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    checkpoint._write_checkpoint_file = faulty
+
+
 if __name__ == "__main__":
+    _inject_save_faults()
     sys.exit(main(sys.argv[2:], extra_callbacks=[Recorder(Path(sys.argv[1]))]))

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save_file
 
 from llmshearing.config import ConfigError, load_config, validate
 from llmshearing.convert.checkpoint import save_domain_weights
@@ -28,7 +29,7 @@ def fake_model_dir(tmp: Path, shape: ModelShape) -> str:
     d = tmp / "model"
     d.mkdir(exist_ok=True)
     (d / "llmshearing.json").write_text(json.dumps(ModelConfig(shape).to_dict()))
-    (d / "model.safetensors").write_bytes(b"")
+    save_file({}, str(d / "model.safetensors"))  # a valid, empty weights file: validation reads headers only
     return str(d)
 
 
@@ -163,7 +164,7 @@ def test_data_and_model_must_agree_on_special_tokens(tmp_path):
         d = tmp_path / name
         d.mkdir()
         (d / "llmshearing.json").write_text(json.dumps(ModelConfig(shape, extra_hf=ids).to_dict()))
-        (d / "model.safetensors").write_bytes(b"")
+        save_file({}, str(d / "model.safetensors"))
         return d
 
     base = [f"data.root={data}", "model.init=null", "pruning=null", "dynamic_loading=null"]

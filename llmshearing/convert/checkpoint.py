@@ -87,6 +87,24 @@ def load_domain_weights(model_dir: str | Path) -> dict[str, float] | None:
         raise CheckpointError(f"{Path(model_dir) / DOMAIN_WEIGHTS_NAME}: weights must be numbers: {e}") from e
 
 
+def check_safetensors_file(path: str | Path) -> None:
+    """Refuse a truncated or foreign `.safetensors` file from its header alone (no tensor is read):
+    the file must hold exactly the 8-byte header length, the JSON header and the data it indexes."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{p}: not a readable safetensors file: {e}") from e
+    if 8 + n + end != size:
+        raise CheckpointError(f"{p}: {size:,} bytes, but its header indexes {8 + n + end:,}: truncated?")
+
+
 def is_model_dir(path: str | Path) -> bool:
     p = Path(path)
     return (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()

@@ -13,6 +13,7 @@ import torch
 from llmshearing.convert.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_safetensors_file,
     is_model_dir,
     load_model,
     load_model_config,
@@ -31,6 +32,14 @@ def describe_expected() -> str:
 
 def is_model_source(path: str | Path) -> bool:
     return is_model_dir(path) or is_hf_model_dir(path)
+
+
+def check_weight_files(path: str | Path) -> None:
+    """Every safetensors weight file of `model.path` is complete (header check, no tensor read)."""
+    p = Path(path)
+    files = [p / WEIGHTS_NAME] if is_model_dir(p) else sorted(p.glob("*.safetensors"))
+    for f in files:
+        check_safetensors_file(f)
 
 
 def source_config(path: str | Path) -> ModelConfig:

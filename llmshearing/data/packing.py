@@ -89,4 +89,5 @@ def mds_writer(out: Path, seq_len: int, dtype: np.dtype, compression: str | None
 
     out.mkdir(parents=True, exist_ok=True)
     columns = {"tokens": f"ndarray:{dtype.name}:{seq_len}", "domain": "str"}
-    return MDSWriter(out=str(out), columns=columns, compression=compression, size_limit=size_limit)
+    # xxh64 per shard (fast): `data.validate_hash: true` checks it before training
+    return MDSWriter(out=str(out), columns=columns, compression=compression, size_limit=size_limit, hashes=["xxh64"])

@@ -1,0 +1,85 @@
+"""Before a run resumes from its save folder: the checkpoint it resumes from is complete, and the
+config has not changed in ways a resume cannot honour.
+
+Composer resumes from the `latest-rank0.pt` link. It writes a checkpoint file in place and then
+re-points the link (remove + create), so a process killed while saving can leave a half-written
+`ep*-ba*-rank0.pt` (never linked) or, between the two link operations, no link at all; the run
+would then start from scratch. `repair_latest_link` re-points a missing or dangling link to the
+newest checkpoint that is complete (a torch zip file whose central directory was written last).
+
+A resume with another global batch, seq_len, domain list, pruning target or seed would silently
+train on different data, or fail deep inside a load; `check_unchanged` refuses it with the key and
+both values, before any step.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest-rank0.pt"
+SAVED_CONFIG = "config.yaml"
+_CKPT = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt$")
+#: keys a resumed run must share with the run that wrote the checkpoint
+RESUME_KEYS = ("global_train_batch_size", "seed", "data.domains", "data.seq_len", "pruning.target", "pruning.modules")
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Full-checkpoint files of rank 0 that are complete, newest (highest batch) first."""
+    found = []
+    for p in folder.glob("ep*-ba*-rank0.pt"):
+        m = _CKPT.search(p.name)
+        if m and p.is_file() and zipfile.is_zipfile(p):  # torch.save writes the zip directory last
+            found.append((int(m.group(2)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def repair_latest_link(folder: str | Path) -> Path | None:
+    """Move half-written checkpoint files aside (`<name>.incomplete`: Composer would refuse to save
+    over them, and they must never be resumed from), and point latest-rank0.pt at the newest complete
+    checkpoint when it is missing or dangling; returns the checkpoint it points to (None: nothing to
+    resume from)."""
+    folder = Path(folder)
+    for p in folder.glob("ep*-ba*-rank0.pt"):
+        if _CKPT.search(p.name) and p.is_file() and not p.is_symlink() and not zipfile.is_zipfile(p):
+            p.rename(p.with_name(p.name + ".incomplete"))
+            log.warning("%s is an incomplete checkpoint (a save was interrupted); moved aside as %s.incomplete",
+                        p, p.name)
+    link = folder / LATEST
+    if link.is_file() and zipfile.is_zipfile(link):
+        return link.resolve()
+    good = complete_checkpoints(folder)
+    if not good:
+        return None
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(good[0].name)
+    log.warning("%s was missing or pointed at an incomplete checkpoint (a save interrupted?); it now points at "
+                "%s, the newest complete one", link, good[0].name)
+    return good[0]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if node is None:
+            return None
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+    return node
+
+
+def check_unchanged(folder: str | Path, current: Any) -> list[tuple[str, Any, Any]]:
+    """[(key, saved value, current value)] for the RESUME_KEYS that differ from the saved config."""
+    saved_file = Path(folder) / SAVED_CONFIG
+    if not saved_file.is_file():
+        return []
+    saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True)
+    now = OmegaConf.to_container(OmegaConf.structured(current), resolve=True)
+    return [(k, _get(saved, k), _get(now, k)) for k in RESUME_KEYS if _get(saved, k) != _get(now, k)]
