@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import sys
 import time
@@ -262,3 +263,9 @@ def probe_sdpa_call(forward: Callable[[], Any]) -> dict[str, Any]:
     return calls[0] if calls else {"error": "no SDPA call seen"}
 
 
+def emit_json(result: dict[str, Any], out: str | None) -> None:
+    """Every benchmark's output: the JSON on stdout, and in `--out` when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

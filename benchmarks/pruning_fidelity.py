@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench_common import emit_json  # noqa: E402
 from llmshearing.convert.checkpoint import model_from_state_dict, read_composer_checkpoint  # noqa: E402
 from llmshearing.data.dynamic import build_eval_dataloader  # noqa: E402
 from llmshearing.models.composer_model import shift_targets  # noqa: E402
@@ -94,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
               "cut_minus_masked_as_evaluated": mean["cut"] - mean["masked_as_evaluated"]}
     if "masked_exact_target_soft_hidden" in mean:
         result["hard_hidden_cost"] = mean["masked_exact_target"] - mean["masked_exact_target_soft_hidden"]
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    emit_json(result, a.out)
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from bench_common import emit_json
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -101,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
             result[mode] = {f"rank{r}": {**x, "build_x_fp32": round(x["build"] / fp32, 3),
                                          "ddp_x_fp32": round(x["ddp"] / fp32, 3)} for r, x in enumerate(ranks)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    emit_json(result, a.out)
     return 0
 
 

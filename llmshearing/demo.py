@@ -48,6 +48,7 @@ class DemoPlan:
     eval_seqs_per_domain: int
     # overrides of the tiny yamls for a real source (sequence length, batch, learning rates, device)
     overrides: tuple[str, ...] = ()
+    prune_overrides: tuple[str, ...] = ()  # for the pruning run only
 
 
 # The source gets far more training than the pruning + continued pre-training budget, as a real
@@ -60,13 +61,14 @@ QUICK = DemoPlan(chars_per_domain=500_000, vocab_size=1024, source_steps=300, pr
 # small learning rate, the masks and multipliers the paper's (lag_lr 1.0) with a short sparsity
 # warm-up, so that the expected shape reaches the target within the few steps of a CPU run.
 # REAL_QUICK fits 10 minutes of 2 CPU cores for a 135M source; REAL_FULL is sized for one GPU.
-_REAL = ("optimizer.lr=1e-4", "model.init=null", "pruning.lag_lr=1.0", "pruning.lagrangian_warmup=0.3dur")
+_REAL = ("optimizer.lr=1e-4",)
+_REAL_PRUNE = ("model.init=null", "pruning.lag_lr=1.0", "pruning.lagrangian_warmup=0.3dur")
 REAL_QUICK = DemoPlan(chars_per_domain=300_000, vocab_size=0, source_steps=0, prune_steps=40, cpt_steps=16,
-                      eval_seqs_per_domain=16,
+                      eval_seqs_per_domain=16, prune_overrides=_REAL_PRUNE,
                       overrides=(*_REAL, "data.seq_len=128", "global_train_batch_size=8",
                                  "device_train_microbatch_size=8", "device_eval_batch_size=16"))
 REAL_FULL = DemoPlan(chars_per_domain=1_500_000, vocab_size=0, source_steps=0, prune_steps=200, cpt_steps=200,
-                     eval_seqs_per_domain=64,
+                     eval_seqs_per_domain=64, prune_overrides=_REAL_PRUNE,
                      overrides=(*_REAL, "data.seq_len=512", "global_train_batch_size=16",
                                 "device_train_microbatch_size=16", "device_eval_batch_size=16", "device=auto",
                                 "precision=amp_bf16"))
@@ -227,8 +229,8 @@ def _stage_real_source(r: _Run, source: Path) -> Path:
     tgt = real_target(shape)
     r.step(f"    real source {source}: {shape.summary()}; pruning target {tgt.summary()} "
            f"({tgt.n_params() / shape.n_params():.0%} of its parameters)")
-    r.prune_extra = tuple(f"pruning.target.{k}={getattr(tgt, k)}"
-                          for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "intermediate_size"))
+    r.prune_extra = r.plan.prune_overrides + tuple(
+        f"pruning.target.{k}={getattr(tgt, k)}" for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "intermediate_size"))
     return src_dir
 
 
@@ -304,7 +306,7 @@ def _tiny_config(name: str, overrides: tuple[str, ...] = ()):
     from llmshearing.config import load_config
 
     paths = ["data.root=x", "model.path=x"] if name == "cpt.yaml" else ["data.root=x"]
-    return load_config(_yaml(name), paths + [o for o in overrides if not o.startswith("model.init")])
+    return load_config(_yaml(name), paths + list(overrides))
 
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = False,

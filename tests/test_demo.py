@@ -36,3 +36,17 @@ def test_demo_runs_and_shearing_beats_scratch(tmp_path):
     assert r["tokens"]["scratch"] >= r["tokens"]["pruned"] + r["tokens"]["continued"]
     assert mean["continued"] < mean["scratch"], f"continued {mean['continued']:.3f} vs scratch {mean['scratch']:.3f}"
     assert mean["continued"] < mean["pruned"]  # continued pre-training recovers what the cut lost
+
+
+def test_real_source_target_keeps_gqa_and_about_40_percent():
+    """`llmshearing demo --source`: the target of SmolLM2-135M's shape (9 query heads in 3 KV groups)."""
+    from llmshearing.demo import real_target
+    from llmshearing.pruning.target import validate_target
+    from llmshearing.shape import ModelShape
+
+    src = ModelShape(d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, n_layers=30, intermediate_size=1536,
+                     vocab_size=49152, tie_embeddings=True)
+    tgt = real_target(src)
+    assert (tgt.n_kv_heads, tgt.n_heads, tgt.n_layers, tgt.d_model, tgt.intermediate_size) == (3, 6, 20, 384, 1024)
+    assert 0.35 < tgt.n_params() / src.n_params() < 0.45 and tgt.tie_embeddings
+    validate_target(src, tgt, ["layer", "head", "intermediate", "hidden"])
