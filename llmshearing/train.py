@@ -76,7 +76,6 @@ def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: b
     broadcasts it; under DDP they get uninitialised storage, which DDP's construction-time
     broadcast from rank 0 overwrites.
     """
-
     if cfg.model.path is not None:
         weights = rank == 0 or world_size == 1
         # fp32 master weights (amp computes in bf16)
@@ -96,7 +95,7 @@ def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: b
             modules=list(cfg.pruning.modules),
             lagrangian_warmup_steps=time_in_batches(cfg.pruning.lagrangian_warmup, "pruning.lagrangian_warmup", max_ba),
             eval_target_model=cfg.pruning.eval_target_model,
-            seed=cfg.seed,  # mask noise is seeded per (seed, rank, step): resumable and seed-dependent
+            seed=cfg.seed,  # mask noise is keyed by (seed, step, global microbatch): resumable, any world size
         )
     return ComposerLlama(model=model, l0=l0)
 
