@@ -129,6 +129,7 @@ def evaluate(model, data_root: Path, seq_len: int, split: str = "eval") -> dict[
             total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), t.reshape(-1),
                                      ignore_index=-100, reduction="sum").item()
             count += int((t != -100).sum())
+        dl.dataset.close()  # release Streaming's shared memory now, not at interpreter exit
         out[dom] = total / max(count, 1)
     return out
 
