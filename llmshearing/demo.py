@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,11 @@ from llmshearing.data.dynamic import build_eval_dataloader
 from llmshearing.data.prep import prepare
 from llmshearing.data.tokenizer import train_tokenizer
 from llmshearing.demo_corpus import DOMAINS, build_corpus
+from llmshearing.demo_plan import DemoPlan, Run
+from llmshearing.demo_real import REAL_FULL, REAL_QUICK, stage_real_source
 from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.pruning.export import export_pruned
-from llmshearing.shape import ModelShape, format_params
+from llmshearing.shape import format_params
 
 # Composer (through llmshearing.config / .train) and transformers' models are imported inside the
 # functions that use them: this module is imported by `llmshearing --help` and every sub-command
@@ -38,53 +39,12 @@ MARKER = ".llmshearing-demo"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
-class DemoPlan:
-    chars_per_domain: int
-    vocab_size: int
-    source_steps: int
-    prune_steps: int
-    cpt_steps: int
-    eval_seqs_per_domain: int
-    # overrides of the tiny yamls for a real source (sequence length, batch, learning rates, device)
-    overrides: tuple[str, ...] = ()
-    prune_overrides: tuple[str, ...] = ()  # for the pruning run only
-
-
 # The source gets far more training than the pruning + continued pre-training budget, as a real
 # pretrained source has (that is what shearing reuses).
 FULL = DemoPlan(chars_per_domain=1_500_000, vocab_size=1024, source_steps=1000, prune_steps=200, cpt_steps=200,
                 eval_seqs_per_domain=64)
 QUICK = DemoPlan(chars_per_domain=500_000, vocab_size=1024, source_steps=300, prune_steps=60, cpt_steps=60,
                  eval_seqs_per_domain=16)
-# A real pretrained source (`--source`): no source training; a pretrained model's weights take a
-# small learning rate, the masks and multipliers the paper's (lag_lr 1.0) with a short sparsity
-# warm-up, so that the expected shape reaches the target within the few steps of a CPU run.
-# REAL_QUICK fits 10 minutes of 2 CPU cores for a 135M source; REAL_FULL is sized for one GPU.
-_REAL = ("optimizer.lr=1e-4",)
-_REAL_PRUNE = ("model.init=null", "pruning.lag_lr=1.0", "pruning.lagrangian_warmup=0.3dur")
-REAL_QUICK = DemoPlan(chars_per_domain=300_000, vocab_size=0, source_steps=0, prune_steps=40, cpt_steps=16,
-                      eval_seqs_per_domain=16, prune_overrides=_REAL_PRUNE,
-                      overrides=(*_REAL, "data.seq_len=128", "global_train_batch_size=8",
-                                 "device_train_microbatch_size=8", "device_eval_batch_size=16"))
-REAL_FULL = DemoPlan(chars_per_domain=1_500_000, vocab_size=0, source_steps=0, prune_steps=200, cpt_steps=200,
-                     eval_seqs_per_domain=64, prune_overrides=_REAL_PRUNE,
-                     overrides=(*_REAL, "data.seq_len=512", "global_train_batch_size=16",
-                                "device_train_microbatch_size=16", "device_eval_batch_size=16", "device=auto",
-                                "precision=amp_bf16"))
-
-
-def real_target(shape: ModelShape) -> ModelShape:
-    """About 40% of a source's parameters, GQA kept: 2/3 of the layers, of the query heads in every KV
-    group (all groups kept), of d_model and of the MLP channels (multiples of 64)."""
-    def two_thirds(n: int, step: int = 1) -> int:
-        return max(step, round(n * 2 / 3 / step) * step)
-
-    g = two_thirds(shape.group_size)
-    return shape.replace(n_layers=two_thirds(shape.n_layers), n_heads=g * shape.n_kv_heads,
-                         d_model=two_thirds(shape.d_model, 64), intermediate_size=two_thirds(shape.intermediate_size, 64))
-
-
 # ---- stages ------------------------------------------------------------------------------------
 def _yaml(name: str) -> Path:
     p = REPO / "yamls" / "tiny" / name
@@ -175,23 +135,7 @@ def _prepare_out(out: Path, keep: bool) -> None:
     (out / MARKER).write_text("made by `llmshearing demo`; safe to delete\n")
 
 
-@dataclass
-class _Run:
-    """What every stage needs: where, how long, the data, the step printer."""
-
-    out: Path
-    plan: DemoPlan
-    t0: float
-    data_root: Path | None = None
-    seq_len: int = 0
-    common: tuple[str, ...] = ()
-    prune_extra: tuple[str, ...] = ()  # the target shape of a real source
-
-    def step(self, msg: str) -> None:
-        print(f"[demo {time.time() - self.t0:6.1f}s] {msg}", flush=True)
-
-
-def _stage_data(r: _Run, tok_dir: Path | None = None) -> tuple[dict[str, dict[str, int]], Path]:
+def _stage_data(r: Run, tok_dir: Path | None = None) -> tuple[dict[str, dict[str, int]], Path]:
     """1-3: corpus, tokenizer (trained here unless the source brings one), MDS shards."""
     r.step("1/8 building a corpus from text on this machine (stdlib code, licenses, package descriptions)")
     corpus = build_corpus(r.out / "raw", r.plan.chars_per_domain)
@@ -212,30 +156,7 @@ def _stage_data(r: _Run, tok_dir: Path | None = None) -> tuple[dict[str, dict[st
     return corpus, tok_dir
 
 
-def _stage_real_source(r: _Run, source: Path) -> Path:
-    """4 (real source): the source as our model dir with its tokenizer (a GGUF file or an HF dir is
-    converted first), and the pruning target of about 40% of its parameters."""
-    from llmshearing.convert.gguf import convert_gguf_to_llmshearing, is_gguf_file
-    from llmshearing.convert.hf import convert_hf_to_llmshearing, copy_tokenizer, is_hf_model_dir
-
-    src_dir = r.out / "models" / "source"
-    if is_gguf_file(source):
-        convert_gguf_to_llmshearing(source, src_dir)
-    elif is_hf_model_dir(source):
-        convert_hf_to_llmshearing(source, src_dir)
-        copy_tokenizer(source, src_dir)
-    else:
-        src_dir = source  # our model dir, with its tokenizer files beside the weights
-    shape = load_model(src_dir, weights=False).config.shape
-    tgt = real_target(shape)
-    r.step(f"    real source {source}: {shape.summary()}; pruning target {tgt.summary()} "
-           f"({tgt.n_params() / shape.n_params():.0%} of its parameters)")
-    r.prune_extra = r.plan.prune_overrides + tuple(
-        f"pruning.target.{k}={getattr(tgt, k)}" for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "intermediate_size"))
-    return src_dir
-
-
-def _stage_source(r: _Run) -> Path:
+def _stage_source(r: Run) -> Path:
     """4: a source model trained well beyond the pruning + continued pre-training budget, as a real
     pretrained source is."""
     from llmshearing.config import build_model_config
@@ -253,7 +174,7 @@ def _stage_source(r: _Run) -> Path:
     return src_dir
 
 
-def _stage_prune(r: _Run, src_dir: Path, ref: list[float]) -> tuple[Path, bool]:
+def _stage_prune(r: Run, src_dir: Path, ref: list[float]) -> tuple[Path, bool]:
     """5: pruning with dynamic batch loading; returns the checkpoint and whether the plot was made."""
     from composer.loggers import InMemoryLogger
 
@@ -271,7 +192,7 @@ def _stage_prune(r: _Run, src_dir: Path, ref: list[float]) -> tuple[Path, bool]:
     return Path(pcfg.save_folder) / "latest-rank0.pt", _plot(mem, r.out / "pruning.png")
 
 
-def _stage_continue(r: _Run, pruned_dir: Path, ref: list[float], weights: dict[str, float]) -> tuple[Path, Path, Path]:
+def _stage_continue(r: Run, pruned_dir: Path, ref: list[float], weights: dict[str, float]) -> tuple[Path, Path, Path]:
     """7: continued pre-training of the cut model, and the from-scratch baseline of the same shape
     on the pruning + continued pre-training token budget. Returns (CPT checkpoint, CPT model dir,
     scratch model dir)."""
@@ -322,7 +243,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
         plan = QUICK if quick else FULL
     else:
         plan = REAL_QUICK if quick else REAL_FULL
-    r = _Run(out=out, plan=plan, t0=time.time())
+    r = Run(out=out, plan=plan, t0=time.time())
     torch.manual_seed(0)
     # Lock CPU threads so timings and results don't depend on the machine's core count.
     torch.set_num_threads(min(4, os.cpu_count() or 1))
@@ -330,7 +251,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
         corpus, tok_dir = _stage_data(r)
         models = {"source": _stage_source(r)}
     else:
-        models = {"source": _stage_real_source(r, Path(source))}
+        models = {"source": stage_real_source(r, Path(source))}
         corpus, tok_dir = _stage_data(r, models["source"])
     losses = {"source": evaluate(load_model(models["source"]), r.data_root, r.seq_len)}
     ref = [losses["source"][d] for d in DOMAINS]

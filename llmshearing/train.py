@@ -1,7 +1,7 @@
 """Build a Composer Trainer from a validated TrainConfig and run it.
 
 `composer train.py yamls/X.yaml key=value ...` (repo root) -> `main(argv)`. Everything that can
-be checked cheaply is checked (config.validate) before a model or a loader is built.
+be checked cheaply is checked (config_checks.validate) before a model or a loader is built.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from llmshearing.config import (
     resolve_teacher,
     time_in_batches,
     to_yaml,
-    validate,
 )
+from llmshearing.config_checks import validate
 from llmshearing.convert.model_source import load_source_model
 from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
 from llmshearing.logs import setup_logging

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from llmshearing.config import ConfigError, load_config, validate
+from llmshearing.config import ConfigError, load_config
+from llmshearing.config_checks import validate
 from llmshearing.convert.checkpoint import save_domain_weights
 from llmshearing.models.config import ModelConfig
 from llmshearing.shape import ModelShape

@@ -40,7 +40,7 @@ def test_demo_runs_and_shearing_beats_scratch(tmp_path):
 
 def test_real_source_target_keeps_gqa_and_about_40_percent():
     """`llmshearing demo --source`: the target of SmolLM2-135M's shape (9 query heads in 3 KV groups)."""
-    from llmshearing.demo import real_target
+    from llmshearing.demo_real import real_target
     from llmshearing.pruning.target import validate_target
     from llmshearing.shape import ModelShape
 

@@ -220,6 +220,8 @@ def _manifest(plan: _Plan, stats: dict[str, dict[str, SplitStats]], empty_docs: 
     return m
 
 
+# prepare() is the public entry point: most of its ~65 lines are its documented keyword arguments;
+# the work is in _plan, _write_domain and _manifest.
 def prepare(
     domains: Mapping[str, Any] | Sequence[tuple[str, Any]],
     tokenizer: str | os.PathLike,
