@@ -16,7 +16,7 @@ import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, SpeedMonitor
-from composer.core import Evaluator
+from composer.core import Callback, Evaluator
 from composer.loggers import FileLogger, WandBLogger
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist
@@ -171,6 +171,22 @@ def build_loggers(cfg: TrainConfig) -> list:
     return loggers
 
 
+class ReleaseDataOnClose(Callback):
+    """`Trainer.close()` releases the Streaming shared memory of the run's datasets. Streaming keeps
+    every block (and a file descriptor for each, which every new dataset opens again) until the
+    interpreter exits, so a process that builds several trainers (the demo, recovery comparisons,
+    sweeps, the test suite) would run out of file descriptors."""
+
+    def __init__(self, loaders: list) -> None:
+        self.loaders = loaders
+
+    def post_close(self) -> None:
+        for dl in self.loaders:
+            close = getattr(getattr(dl, "dataset", None), "close", None)
+            if close is not None:
+                close()
+
+
 class MetricsOnlyWandB(WandBLogger):
     """W&B for metrics only. Checkpoints live in `save_folder`; without this, autoresume asks every
     logger for the latest checkpoint and Composer's W&B logger raises in offline runs (no entity)."""
@@ -259,7 +275,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         parallelism_config=fsdp_config(cfg, world_size) if sharded else None,
         algorithms=algorithms,
-        callbacks=build_callbacks(cfg, composer_model) + list(extra_callbacks),
+        callbacks=build_callbacks(cfg, composer_model) + list(extra_callbacks)
+        + [ReleaseDataOnClose([train_dl, *(e.dataloader.dataloader for e in evaluators)])],
         loggers=build_loggers(cfg) + list(extra_loggers),
         save_folder=cfg.save_folder,
         save_interval=cfg.save_interval,

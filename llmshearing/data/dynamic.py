@@ -139,10 +139,15 @@ def release_shared_memory(streaming_dataset: Any) -> int:
     """Close and unlink a StreamingDataset's shared-memory blocks now instead of at exit.
 
     Streaming keeps every block (and one fd each) alive until interpreter exit through `atexit`,
-    and each new StreamingDataset opens the blocks of all live ones while picking its prefix, so
-    a process that builds many loaders (tests, sweeps) runs out of file descriptors. Call this
-    when a dataset is no longer used (its DataLoader workers must be gone or idle).
+    and each new StreamingDataset opens the blocks of all live ones while picking its prefix (those
+    probe handles are referenced only by `atexit`), so a process that builds many loaders (tests,
+    sweeps, several trainers) runs out of file descriptors, quadratically. Call this when a dataset
+    is no longer used (its DataLoader workers must be gone or idle): it closes the dataset's own
+    blocks and every handle this process holds on them.
     """
+    import gc
+    import warnings
+
     from streaming.base.shared.memory import SharedMemory
 
     found: list[Any] = []
@@ -155,6 +160,14 @@ def release_shared_memory(streaming_dataset: Any) -> int:
                 walk(v, depth - 1)
 
     walk(streaming_dataset, 3)
+    prefix = getattr(streaming_dataset, "_shm_prefix_int", None)
+    if prefix is not None:  # the probe handles other datasets opened on this dataset's blocks
+        tag = f"{prefix:06}_"
+        mine = {id(s) for s in found}
+        with warnings.catch_warnings():  # isinstance() on every live object wakes deprecated aliases
+            warnings.simplefilter("ignore")
+            found += [o for o in gc.get_objects() if isinstance(o, SharedMemory) and id(o) not in mine
+                      and tag in str(getattr(getattr(o, "shm", None), "name", ""))]
     for shm in found:
         atexit.unregister(shm.cleanup)
         try:
