@@ -47,7 +47,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 
 def hf_config(family: str, attn: str = "eager", **overrides: Any) -> transformers.PretrainedConfig:
     cls, _ = HF_CLASSES[family]
-    kw = {**BASE, **overrides}
+    kw = copy.deepcopy({**BASE, **overrides})  # transformers 5 edits rope dicts in place (shared CASES)
     cfg = cls(**kw)
     cfg._attn_implementation = attn
     return cfg

@@ -14,7 +14,9 @@ import torch
 import transformers
 
 from _hf_helpers import CASES, BASE, hf_case, hf_model, max_abs_diff, ours_from_hf, tokens, config_of
+from llmshearing.convert.checkpoint import load_state_dict_strict
 from llmshearing.convert.hf_config import model_config_from_hf
+from llmshearing.models.llama import LlamaForCausalLM
 
 ATOL = 1e-4  # fp32 logits of O(1) magnitude; observed differences are ~1e-6
 
@@ -90,7 +92,8 @@ def test_omitted_keys_take_transformers_defaults(family: str) -> None:
     cfg = model_config_from_hf(minimal)
     hf_cfg = transformers.AutoConfig.for_model(**minimal)
     assert cfg.rms_norm_eps == hf_cfg.rms_norm_eps == 1e-6
-    assert cfg.rope_theta == hf_cfg.rope_theta
+    hf_theta = getattr(hf_cfg, "rope_theta", None) or hf_cfg.rope_parameters["rope_theta"]  # transformers 5
+    assert cfg.rope_theta == hf_theta
     assert cfg.max_position_embeddings == hf_cfg.max_position_embeddings
     assert cfg.shape.tie_embeddings == hf_cfg.tie_word_embeddings
     assert cfg.shape.n_kv_heads == hf_cfg.num_key_value_heads
@@ -112,3 +115,53 @@ def test_kv_heads_required_where_transformers_default_ignores_heads(family: str)
                "intermediate_size": 96, "vocab_size": 97}
     with pytest.raises(ValueError, match="num_key_value_heads"):
         model_config_from_hf(minimal)
+
+
+def _as_transformers5_writes_it(d: dict) -> dict:
+    """The config.json of transformers >= 5: rope_theta and rope_scaling merged into rope_parameters
+    (written by hand here, so the test does not depend on the installed transformers version)."""
+    d = dict(d)
+    params = {"rope_type": "default", **(d.pop("rope_scaling", None) or {}), "rope_theta": d.pop("rope_theta")}
+    params.pop("type", None)
+    return {**d, "rope_parameters": params}
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied-llama3rope", "mistral-gqa-window", "qwen2-gqa-bias"])
+def test_config_written_by_transformers5_reads_as_the_same_model(name: str) -> None:
+    """A Llama-3 config.json saved by transformers 5 has no `rope_theta` key; transformers 4.x ignores its
+    `rope_parameters`, so read naively it would become theta 10000 and no llama3 scaling: a different model."""
+    family, overrides = CASES[name]
+    hf = hf_model(family, **{**overrides, "rope_theta": 250000.0})
+    d = json.loads(hf.config.to_json_string(use_diff=False))
+    d["architectures"] = [type(hf).__name__]
+    if "rope_parameters" not in d:
+        d = _as_transformers5_writes_it(d)
+    d.pop("rope_theta", None), d.pop("rope_scaling", None)
+    cfg = model_config_from_hf(d)
+    assert cfg.rope_theta == 250000.0
+    assert (cfg.rope_scaling or {}).get("rope_type") == overrides.get("rope_scaling", {}).get("rope_type")
+    ours = LlamaForCausalLM(cfg).eval()
+    load_state_dict_strict(ours, dict(hf.state_dict()), source="hf")
+    x = tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        want, got = hf(x).logits, ours(x)
+        assert max_abs_diff(want, got) < ATOL  # tolerance: 1e-4 absolute, fp32
+        # guard: the same weights at the class-default theta are clearly another model
+        plain = LlamaForCausalLM(model_config_from_hf({**d, "rope_parameters": {"rope_type": "default",
+                                                                                 "rope_theta": 10000.0}})).eval()
+        load_state_dict_strict(plain, dict(hf.state_dict()), source="hf")
+        assert max_abs_diff(want, plain(x)) > 1e-2
+
+
+def test_rope_parameters_that_contradict_rope_theta_are_refused() -> None:
+    d = {**BASE, "model_type": "llama", "rope_theta": 10000.0,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+    with pytest.raises(ValueError, match="rope_theta 10000.0 and rope_parameters.rope_theta 500000.0 disagree"):
+        model_config_from_hf(d)
+    d = {**BASE, "model_type": "llama", "rope_parameters": {"full_attention": {"rope_theta": 1e4},
+                                                            "sliding_attention": {"rope_theta": 1e6}}}
+    with pytest.raises(ValueError, match="per-layer-type"):
+        model_config_from_hf(d)
+    d = {**BASE, "model_type": "llama", "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+        model_config_from_hf(d)

@@ -25,6 +25,7 @@ _REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "in
 #: Keys that ModelConfig represents (read into it, and written back from it on export).
 _CONSUMED_KEYS = frozenset(_REQUIRED_KEYS) | {
     "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "rope_parameters",
     "max_position_embeddings", "initializer_range", "hidden_act", "attention_bias", "mlp_bias",
 }
 
@@ -85,6 +86,30 @@ def _rope_scaling_from_hf(rs: Any, source: str) -> dict[str, Any] | None:
     return dict(rs)
 
 
+def _rope_from_hf(config: Mapping[str, Any], source: str) -> tuple[float | None, dict | None]:
+    """(rope_theta, rope_scaling) from either config.json format: transformers < 5 writes `rope_theta` and
+    `rope_scaling`; transformers 5 writes one `rope_parameters` object holding both. Read by hand because
+    transformers 4.x ignores `rope_parameters` (a Llama-3 file saved by 5.x would silently get theta 10000),
+    and 5.x has no `rope_theta` attribute. theta None: not in the file (the class default applies)."""
+    params = config.get("rope_parameters")
+    if params is None:
+        theta = config.get("rope_theta")
+        return None if theta is None else float(theta), _rope_scaling_from_hf(config.get("rope_scaling"), source)
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"{source}: rope_parameters must be one object (per-layer-type rope parameters are not "
+                         f"supported), got {params!r}")
+    if params.get("rope_theta") is None:
+        raise ValueError(f"{source}: rope_parameters has no rope_theta")
+    theta = float(params["rope_theta"])
+    scaling = _rope_scaling_from_hf({k: v for k, v in params.items() if k != "rope_theta"} or None, source)
+    if config.get("rope_theta") is not None and float(config["rope_theta"]) != theta:
+        raise ValueError(f"{source}: rope_theta {config['rope_theta']} and rope_parameters.rope_theta {theta} disagree")
+    legacy = _rope_scaling_from_hf(config.get("rope_scaling"), source)
+    if legacy is not None and legacy != scaling:
+        raise ValueError(f"{source}: rope_scaling {legacy} and rope_parameters {params} disagree")
+    return theta, scaling
+
+
 def _sliding_window_from_hf(family: str, hf: PretrainedConfig) -> int | None:
     """Mistral: every layer uses `sliding_window` (null = none). Qwen2: only with use_sliding_window.
     Our model refuses sequences longer than the window (it does not implement the window), which
@@ -139,8 +164,10 @@ def model_config_from_hf(config_dict: Mapping[str, Any], source: str = HF_CONFIG
         missing.append("num_key_value_heads")
     if missing:
         raise ValueError(f"{source}: missing required keys {missing}")
-    rope_scaling = _rope_scaling_from_hf(config_dict.get("rope_scaling"), source)
+    rope_theta, rope_scaling = _rope_from_hf(config_dict, source)
     hf = _hf_config_object(family, config_dict, source)
+    if rope_theta is None:  # the class default, wherever this transformers version keeps it
+        rope_theta = float(getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"])
 
     d, heads = config_dict["hidden_size"], config_dict["num_attention_heads"]
     head_dim = config_dict.get("head_dim")
@@ -164,7 +191,7 @@ def model_config_from_hf(config_dict: Mapping[str, Any], source: str = HF_CONFIG
         extra.pop("use_sliding_window", None)  # regenerated from ModelConfig.sliding_window
         return ModelConfig(
             shape=shape, family=family,
-            rms_norm_eps=float(hf.rms_norm_eps), rope_theta=float(hf.rope_theta), rope_scaling=rope_scaling,
+            rms_norm_eps=float(hf.rms_norm_eps), rope_theta=rope_theta, rope_scaling=rope_scaling,
             max_position_embeddings=int(hf.max_position_embeddings),
             sliding_window=_sliding_window_from_hf(family, hf),
             initializer_range=float(hf.initializer_range),
