@@ -142,3 +142,20 @@ def test_hf_baseline_is_transformers_with_sdpa(run):
     ours = {(x["model"], x["seq_len"]): x for x in run["report"]["results"] if x["case"] == "cpt"}
     for x in hf:  # same shape, same parameter count as ours
         assert x["n_params"] == ours[(x["model"], x["seq_len"])]["n_params"]
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The one-call device script runs end to end without CUDA (gpu tests skip, tiny shapes), so a device
+    session never spends its minutes on a script error; every part exits 0 and the summary is JSON."""
+    import os
+
+    env = {**os.environ, "GPU_CHECK_NO_INSTALL": "1", "OUT": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)  # hang guard; ~40 s
+    assert p.returncode == 0, p.stderr[-4000:]
+    summary = json.loads((tmp_path / "gpu_check" / "gpu_check.json").read_text())
+    assert {summary[k]["rc"] for k in ("tests", "throughput", "data")} == {"0"}, summary
+    assert {r["case"] for r in summary["throughput"]["results"]} == {"cpt", "hf", "prune", "unmasked"}
+    assert not any(r["error"] for r in summary["throughput"]["results"])
+    assert summary["loader_over_step"] and "skipped" in summary["tests"]["last_lines"][-1]
