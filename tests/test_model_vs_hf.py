@@ -165,3 +165,18 @@ def test_rope_parameters_that_contradict_rope_theta_are_refused() -> None:
     d = {**BASE, "model_type": "llama", "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}
     with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
         model_config_from_hf(d)
+
+
+def test_config_transformers_rejects_is_one_error_naming_the_file(monkeypatch) -> None:
+    """transformers 5 validates configs through huggingface_hub's strict dataclasses, whose error is not a
+    ValueError (e.g. hidden_size not a multiple of the heads even with head_dim set): still one message."""
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    import llmshearing.convert.hf_config as hc
+
+    def reject(*a, **k):
+        raise StrictDataclassClassValidationError("validate_architecture", ValueError("hidden size (16) ..."))
+
+    monkeypatch.setattr(hc.AutoConfig, "for_model", reject)
+    with pytest.raises(ValueError, match=r"(?s)some/config.json: transformers rejects this config: .*hidden size"):
+        model_config_from_hf({**BASE, "model_type": "llama"}, source="some/config.json")

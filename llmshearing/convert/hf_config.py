@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import CONFIG_NAME as HF_CONFIG_NAME
 
@@ -128,8 +129,8 @@ def _hf_config_object(family: str, values: Mapping[str, Any], source: str) -> Pr
               if k not in _DROPPED_KEYS or k == "architectures"}
     try:
         return AutoConfig.for_model(family, **kwargs)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"{source}: transformers rejects this config: {e}") from e
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as e:  # transformers 5 validates via the hub's
+        raise ValueError(f"{source}: transformers rejects this config: {e}") from e  # strict dataclasses
 
 
 def _check_unsupported_features(family: str, config: Mapping[str, Any], source: str) -> None:
