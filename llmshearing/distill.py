@@ -37,12 +37,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                          f"{tuple(teacher_logits.shape)} differ: do they share the vocabulary?")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    v = student_logits.size(-1)
-    keep = (targets != ignore_index).reshape(-1)
-    s = F.log_softmax(student_logits.reshape(-1, v)[keep].float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.reshape(-1, v)[keep].float() / temperature, dim=-1)
+    # Every position goes through the KL and a mask picks the kept ones: boolean indexing would copy
+    # both [tokens, vocab] tensors and make the GPU report the kept count to the host every micro-batch.
+    keep = targets != ignore_index
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if Divergence(divergence) == Divergence.forward_kl:
         kl = (t.exp() * (t - s)).sum(-1)
     else:
         kl = (s.exp() * (s - t)).sum(-1)
-    return kl.mean() * temperature ** 2
+    return kl.masked_fill(~keep, 0.0).sum() / keep.sum() * temperature ** 2
