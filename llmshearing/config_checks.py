@@ -24,6 +24,7 @@ from llmshearing.convert.model_source import check_weight_files, describe_expect
 from llmshearing.data.integrity import DataIntegrityError, check_shards
 from llmshearing.data.manifest import check_manifest, load_manifest
 from llmshearing.data.sampler import validate_proportions
+from llmshearing.models.config import ModelConfig
 from llmshearing.pruning.target import validate_target
 from llmshearing.shape import ShapeError
 
@@ -32,9 +33,9 @@ log = logging.getLogger(__name__)
 
 def validate(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) -> None:
     """Semantic checks that OmegaConf's typing cannot express. Raises ConfigError naming the key."""
-    _check_model(cfg, check_paths)
+    model_cfg = _check_model(cfg, check_paths)  # read once; None: model.path not there (check_paths=False)
     _check_batches(cfg, world_size)
-    _check_data(cfg, check_paths)
+    _check_data(cfg, check_paths, model_cfg)
     max_ba = time_in_batches(cfg.max_duration, "max_duration")
     if max_ba <= 0:
         raise ConfigError("config key 'max_duration': must be > 0 batches")
@@ -45,12 +46,12 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) ->
     if cfg.optimizer.lr <= 0:
         raise ConfigError("config key 'optimizer.lr': must be > 0")
     if cfg.pruning is not None:
-        _check_pruning(cfg, max_ba)
+        _check_pruning(cfg, max_ba, model_cfg)
     if cfg.distill is not None:
-        _check_distill(cfg, check_paths)
+        _check_distill(cfg, check_paths, model_cfg)
 
 
-def _check_model(cfg: TrainConfig, check_paths: bool) -> None:
+def _check_model(cfg: TrainConfig, check_paths: bool) -> ModelConfig | None:
     m = cfg.model
     if (m.path is None) == (m.init is None):
         raise ConfigError("config key 'model': set exactly one of 'model.path' (a model dir) "
@@ -63,7 +64,7 @@ def _check_model(cfg: TrainConfig, check_paths: bool) -> None:
             check_weight_files(m.path)
         except CheckpointError as e:
             raise ConfigError(f"config key 'model.path': {e}") from e
-    build_model_config(cfg, check_paths=check_paths)
+    return build_model_config(cfg, check_paths=check_paths)
 
 
 def _check_batches(cfg: TrainConfig, world_size: int) -> None:
@@ -79,7 +80,7 @@ def _check_batches(cfg: TrainConfig, world_size: int) -> None:
                           f"{per_device} (= global_train_batch_size {g} / world size {world_size})")
 
 
-def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
+def _check_data(cfg: TrainConfig, check_paths: bool, model_cfg: ModelConfig | None) -> None:
     d = cfg.data
     if not d.domains:
         raise ConfigError("config key 'data.domains': list at least one domain")
@@ -126,11 +127,11 @@ def _check_data(cfg: TrainConfig, check_paths: bool) -> None:
         if manifest is not None:
             for split in (d.train_split, d.eval_split):
                 try:
-                    check_manifest(root, seq_len=d.seq_len, domains=list(d.domains), split=split)
+                    check_manifest(root, seq_len=d.seq_len, domains=list(d.domains), split=split, manifest=manifest)
                 except ValueError as e:
                     key = "data.seq_len" if "seq_len" in str(e) else "data.domains"
                     raise ConfigError(f"config key '{key}': {e}") from e
-            _check_special_tokens(build_model_config(cfg), manifest, root)
+            _check_special_tokens(model_cfg, manifest, root)
 
 
 def _check_special_tokens(model_cfg, manifest: dict[str, Any], root: Path) -> None:
@@ -155,7 +156,7 @@ def _check_special_tokens(model_cfg, manifest: dict[str, Any], root: Path) -> No
                     "(prepare-data --bos auto adds it)", bos, root)
 
 
-def _check_distill(cfg: TrainConfig, check_paths: bool) -> None:
+def _check_distill(cfg: TrainConfig, check_paths: bool, student: ModelConfig | None) -> None:
     ds = cfg.distill
     if not 0.0 <= ds.alpha <= 1.0:
         raise ConfigError(f"config key 'distill.alpha': must be in [0, 1] (1 = logits only), got {ds.alpha}")
@@ -166,13 +167,13 @@ def _check_distill(cfg: TrainConfig, check_paths: bool) -> None:
     teacher = resolve_teacher(cfg)
     if not is_model_source(teacher):
         raise ConfigError(f"config key 'distill.teacher': {teacher} is not {describe_expected()}")
-    student = build_model_config(cfg)
-    if student is not None and source_config(teacher).shape.vocab_size != student.shape.vocab_size:
-        raise ConfigError(f"config key 'distill.teacher': {teacher} has vocab_size "
-                          f"{source_config(teacher).shape.vocab_size}, the student {student.shape.vocab_size}")
+    vocab = source_config(teacher).shape.vocab_size
+    if student is not None and vocab != student.shape.vocab_size:
+        raise ConfigError(f"config key 'distill.teacher': {teacher} has vocab_size {vocab}, "
+                          f"the student {student.shape.vocab_size}")
 
 
-def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:
+def _check_pruning(cfg: TrainConfig, max_ba: int, src_cfg: ModelConfig | None) -> None:
     pr = cfg.pruning
     if pr.lag_lr <= 0:
         raise ConfigError("config key 'pruning.lag_lr': must be > 0 (the multipliers use -lag_lr for ascent)")
@@ -181,7 +182,6 @@ def _check_pruning(cfg: TrainConfig, max_ba: int) -> None:
     w = time_in_batches(pr.lagrangian_warmup, "pruning.lagrangian_warmup", max_ba)
     if w > max_ba:
         raise ConfigError(f"config key 'pruning.lagrangian_warmup': {w} batches is longer than max_duration ({max_ba})")
-    src_cfg = build_model_config(cfg, check_paths=False)
     if src_cfg is None:
         return
     src = src_cfg.shape

@@ -218,11 +218,12 @@ def _check_data(root: str, split: str, domains: Sequence[str], seq_len: int, voc
     """Refuse data whose manifest disagrees with the run (local roots; rows are also shape-checked)."""
     if not os.path.isdir(root):
         return
-    if load_manifest(root) is None:
+    manifest = load_manifest(root)
+    if manifest is None:
         log.warning("no manifest.json under %s: cannot check tokenizer / seq_len of the data", root)
         return
     check_manifest(root, seq_len=seq_len, vocab_size=vocab_size, domains=domains, split=split,
-                   allow_padded_vocab=True)
+                   allow_padded_vocab=True, manifest=manifest)
 
 
 def _loader_kwargs(num_workers: int, prefetch_factor: int | None, persistent_workers: bool,

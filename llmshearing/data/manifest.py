@@ -31,18 +31,20 @@ def check_manifest(
     *,
     seq_len: int | None = None,
     vocab_size: int | None = None,
-    eos_id: int | None = None,
     tokenizer: str | os.PathLike | None = None,
     domains: Sequence[str] | None = None,
     split: str | None = None,
     allow_padded_vocab: bool = False,
+    manifest: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Refuse data that does not match the run; returns the manifest.
 
     `vocab_size` is the model's vocabulary: it must equal the data tokenizer's (or, with
     `allow_padded_vocab`, be at least as large, for embeddings padded to a multiple of 64).
+    `manifest`: the one a caller already loaded (the file lists make it large; read it once).
+    The special token ids are checked against the model's config in `config_checks`.
     """
-    m = load_manifest(root)
+    m = dict(manifest) if manifest is not None else load_manifest(root)
     if m is None:
         raise ValueError(f"no {MANIFEST_NAME} under {root}: not data written by prepare-data")
     if m.get("format") != MANIFEST_FORMAT:
@@ -54,8 +56,6 @@ def check_manifest(
         if tv > vocab_size or (tv != vocab_size and not allow_padded_vocab):
             raise ValueError(f"vocab_size mismatch: data at {root} was tokenized with vocab_size={tv} "
                              f"({m['tokenizer']['name']}), the model has vocab_size={vocab_size}")
-    if eos_id is not None and int(m["tokenizer"]["eos_id"]) != int(eos_id):
-        raise ValueError(f"eos_id mismatch: data at {root} uses eos_id={m['tokenizer']['eos_id']}, expected {eos_id}")
     if tokenizer is not None:
         fp = tokenizer_fingerprint(tokenizer)
         if fp != m["tokenizer"]["sha256"]:
