@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -31,29 +30,15 @@ if str(REPO) not in sys.path:
 
 from bench_common import emit_json  # noqa: E402
 from llmshearing.convert.checkpoint import model_from_state_dict, read_composer_checkpoint  # noqa: E402
-from llmshearing.data.dynamic import build_eval_dataloader  # noqa: E402
-from llmshearing.models.composer_model import shift_targets  # noqa: E402
 from llmshearing.pruning import hard_concrete as hc  # noqa: E402
 from llmshearing.pruning.cut import cut_model  # noqa: E402
 from llmshearing.pruning.export import split_composer_state  # noqa: E402
 from llmshearing.pruning.l0 import L0Module  # noqa: E402
+from llmshearing.reference_losses import domain_losses  # noqa: E402
 
 
-@torch.no_grad()
 def _eval(model, masks, data_root: Path, domains: list[str], seq_len: int) -> dict[str, float]:
-    out = {}
-    for dom in domains:
-        dl = build_eval_dataloader(data_root, dom, batch_size=16, seq_len=seq_len)
-        total, count = 0.0, 0
-        for batch in dl:
-            ids = batch["input_ids"]
-            logits = model(ids, masks) if masks is not None else model(ids)
-            t = shift_targets(ids)
-            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), t.reshape(-1), reduction="sum"))
-            count += int((t != -100).sum())
-        dl.dataset.close()
-        out[dom] = total / count
-    return out
+    return domain_losses(lambda ids: model(ids, masks), data_root, domains, seq_len)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     l0.load_state_dict(l0_sd)
     l0.eval()
     rows = {}
-    for name, spec in l0.specs.items():
+    with torch.no_grad():
+        per_row = l0.expected_sparsity_per_row()
+    for name, s in per_row.items():
+        spec = l0.specs[name]
         if len(spec.shape) < 2:
             continue
-        p = hc.prob_nonzero(hc.clamp_at_use(l0.log_alpha(name))).reshape(-1, spec.row_size)
-        s = 1 - p.mean(-1)
         rows[name] = {"per_row": [round(float(x), 4) for x in s], "std": float(s.std()),
                       "range": float(s.max() - s.min()), "target": spec.final_target_sparsity}
     manifest = json.loads((root / "data" / "manifest.json").read_text())

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from llmshearing.convert.checkpoint import load_model, save_model_dir
-from llmshearing.data.dynamic import build_eval_dataloader
 from llmshearing.data.prep import prepare
 from llmshearing.data.tokenizer import train_tokenizer
 from llmshearing.demo_corpus import DOMAINS, build_corpus
@@ -28,6 +27,7 @@ from llmshearing.demo_plan import DemoPlan, Run
 from llmshearing.demo_real import REAL_FULL, REAL_QUICK, stage_real_source
 from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.pruning.export import export_pruned
+from llmshearing.reference_losses import domain_losses
 from llmshearing.shape import format_params
 
 # Composer (through llmshearing.config / .train) and transformers' models are imported inside the
@@ -69,29 +69,10 @@ def _model_dir_from_trainer(trainer, out: Path) -> Path:
     return out
 
 
-@torch.no_grad()
 def evaluate(model, data_root: Path, seq_len: int, split: str = "eval") -> dict[str, float]:
     """Token-averaged next-token loss per domain over the whole eval split."""
-    import torch.nn.functional as F
-
-    from llmshearing.models.composer_model import shift_targets
-
     model.eval()
-    out = {}
-    for dom in DOMAINS:
-        dl = build_eval_dataloader(root=str(data_root), domain=dom, batch_size=16, seq_len=seq_len, rank=0,
-                                   world_size=1, split=split)
-        total, count = 0.0, 0
-        for batch in dl:
-            ids = batch["input_ids"]
-            t = shift_targets(ids)
-            logits = model(ids)
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), t.reshape(-1),
-                                     ignore_index=-100, reduction="sum").item()
-            count += int((t != -100).sum())
-        dl.dataset.close()  # release Streaming's shared memory now, not at interpreter exit
-        out[dom] = total / max(count, 1)
-    return out
+    return domain_losses(model, data_root, DOMAINS, seq_len, split=split)
 
 
 def _plot(mem_logger, path: Path) -> bool:

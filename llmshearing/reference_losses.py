@@ -17,18 +17,18 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from llmshearing.convert.checkpoint import is_model_dir, load_model
 from llmshearing.data.dynamic import build_eval_dataloader
 from llmshearing.data.manifest import load_manifest
+from llmshearing.models.composer_model import next_token_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,28 @@ def _load_any(model_dir: Path, dtype: torch.dtype):
 
 
 @torch.no_grad()
+def domain_losses(forward: Callable[[torch.Tensor], torch.Tensor], data_root: str | Path, domains: Sequence[str],
+                  seq_len: int, split: str = "eval", rows: int | None = None, batch_size: int = 16,
+                  device: str = "cpu") -> dict[str, float]:
+    """Token-mean next-token loss of `forward` (ids -> logits) per domain over the first `rows` rows of
+    the split (all by default), on one process: the one eval loop of the demo, the benchmarks and this CLI."""
+    out: dict[str, float] = {}
+    for dom in domains:
+        dl = build_eval_dataloader(data_root, dom, batch_size=batch_size, seq_len=seq_len, split=split,
+                                   max_samples=rows)
+        total, count = 0.0, 0
+        for batch in dl:
+            ids = batch["input_ids"].to(device)
+            ce, n = next_token_loss_sum(forward(ids), ids)
+            total, count = total + float(ce), count + int(n)
+        dl.dataset.close()  # release Streaming's shared memory now, not at interpreter exit
+        out[dom] = total / max(count, 1)
+    return out
+
+
 def eval_losses(model_dir: str | Path, data_root: str | Path, split: str = "eval", rows: int | None = None,
                 batch_size: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Token-mean next-token loss per domain over the first `rows` eval rows (all by default)."""
+    """Token-mean next-token loss per domain of a model dir over the first `rows` eval rows (all by default)."""
     root = Path(data_root)
     manifest = load_manifest(root)
     if manifest is None:
@@ -116,20 +135,10 @@ def eval_losses(model_dir: str | Path, data_root: str | Path, split: str = "eval
     model, n_params, kind = _load_any(Path(model_dir), dtype)
     if isinstance(model, torch.nn.Module):
         model.to(device)
-    out: dict[str, float] = {}
-    for dom in manifest["domains"]:
-        dl = build_eval_dataloader(root, dom, batch_size=batch_size, seq_len=int(manifest["seq_len"]), split=split,
-                                   max_samples=rows)
-        total, count = 0.0, 0
-        for batch in dl:
-            ids = batch["input_ids"].to(device)
-            logits = model(ids).float()
-            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
-                                           reduction="sum"))
-            count += ids[:, 1:].numel()
-        dl.dataset.close()
-        out[dom] = total / count
-        log.info("%s: %s %.4f", model_dir, dom, out[dom])
+    out = domain_losses(model, root, manifest["domains"], int(manifest["seq_len"]), split=split, rows=rows,
+                        batch_size=batch_size, device=device)
+    for dom, v in out.items():
+        log.info("%s: %s %.4f", model_dir, dom, v)
     return {"model": str(model_dir), "kind": kind, "n_params": int(n_params), "losses": out}
 
 

@@ -18,10 +18,8 @@ teacher is not saved again with every student checkpoint; it is reloaded from `d
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from composer.core import Callback, State, get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
@@ -29,13 +27,15 @@ from composer.utils import dist
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshearing.convert.model_source import load_source_model
 from llmshearing.distill import Divergence, distillation_loss
-from llmshearing.models.composer_model import shift_targets
+from llmshearing.models.composer_model import next_token_loss_sum, shift_targets
 from llmshearing.models.llama import DecoderLayer
 
 log = logging.getLogger(__name__)
 
 
 class DistillationCallback(Callback):
+    # No checkpoint state of its own (Callback.state_dict is {}): the teacher is reloaded from
+    # distill.teacher, and its eval losses live in the dynamic-loading callback's state.
     def __init__(self, teacher: str, alpha: float = 0.5, temperature: float = 1.0,
                  divergence: str = Divergence.forward_kl, teacher_gap: DynamicLoadingCallback | None = None,
                  eval_batch_size: int = 8) -> None:
@@ -119,16 +119,12 @@ class DistillationCallback(Callback):
                 ids = state.device.tensor_to_device(ids)
                 with get_precision_context(state.precision, state.precision_config):
                     logits = self.teacher(ids)
-                t = shift_targets(ids)
-                total[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), t.reshape(-1),
-                                            ignore_index=-100, reduction="sum").double()
-                total[1] += (t != -100).sum()
+                ce, n = next_token_loss_sum(logits, ids)
+                total[0] += ce.double()
+                total[1] += n
             dist.all_reduce(total, reduce_operation="SUM")
             out[evaluator.label] = float(total[0] / total[1])
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the teacher is reloaded from distill.teacher; its eval losses live in the loader callback
 
 
 def _vocab_size(model: torch.nn.Module) -> int:

@@ -30,6 +30,15 @@ def shift_targets(input_ids: torch.Tensor) -> torch.Tensor:
     return targets
 
 
+def next_token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed fp32 next-token cross-entropy, number of predicted tokens) of one batch: the two sums of
+    a token-mean eval loss over many batches (or ranks)."""
+    t = shift_targets(input_ids)
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), t.reshape(-1), ignore_index=-100,
+                         reduction="sum")
+    return ce, (t != -100).sum()
+
+
 class ComposerLlama(ComposerModel):
     def __init__(self, cfg: ModelConfig | None = None, l0: nn.Module | None = None,
                  model: LlamaForCausalLM | None = None) -> None:

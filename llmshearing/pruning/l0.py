@@ -313,10 +313,11 @@ class L0Module(nn.Module):
         frac = 1.0 if w <= 0 else min(1.0, max(step, 0) / w)
         return {n: spec.final_target_sparsity * frac for n, spec in self.specs.items()}
 
-    def lagrangian(self, step: int | None = None) -> torch.Tensor:
+    def lagrangian(self, step: int | None = None, rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """sum_m mean_rows[lambda_1m * (s_mr - t_m) + lambda_2m * (s_mr - t_m)^2] (0-d fp32 tensor);
-        minimised over log_alpha, maximised over the lambdas (negative-lr param group)."""
-        s = self.expected_sparsity_per_row()
+        minimised over log_alpha, maximised over the lambdas (negative-lr param group). `rows`: the
+        `expected_sparsity_per_row()` a caller already has."""
+        s = self.expected_sparsity_per_row() if rows is None else rows
         t = self.target_sparsity(step)
         total = None
         for n in self.specs:
@@ -356,7 +357,7 @@ class L0Module(nn.Module):
         out["target_sparsity/overall"] = 1 - self.target.n_prunable_params() / self.source.n_prunable_params()
         out["expected_params"] = float(self.expected_params(probs))
         out["target_params"] = float(self.target.n_prunable_params())
-        out["lagrangian"] = float(self.lagrangian(step))
+        out["lagrangian"] = float(self.lagrangian(step, rows))
         return out
 
     # ---- FSDP ----------------------------------------------------------------------------------
