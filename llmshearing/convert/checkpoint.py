@@ -238,14 +238,15 @@ def torch_load(path: str | Path, weights_only: bool) -> Any:
                               f"{(str(e).splitlines() or [''])[0]}") from e
 
 
-def read_model_info(state: dict[str, Any], source: str) -> tuple[ModelConfig, dict[str, Any] | None]:
-    """(ModelConfig, pruning dict or None) from a checkpoint's `state` (ModelInfo callback state)."""
-    info = (state.get(_MODEL_INFO[1]) or {}).get(_MODEL_INFO[2])
+def read_model_info(state: dict[str, Any], source: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """(ModelConfig, the whole ModelInfo dict: pruning, source_path, ...) from a checkpoint's `state`."""
+    _, callbacks, name = _MODEL_INFO
+    info = (state.get(callbacks) or {}).get(name)
     if not isinstance(info, dict) or "model_config" not in info:
         raise CheckpointError(f"{source}: no ModelInfo callback state in the checkpoint; was it written by "
                               "llmshearing's train.py?")
     try:
-        return ModelConfig.from_dict(info["model_config"]), info.get("pruning")
+        return ModelConfig.from_dict(info["model_config"]), info
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{source}: invalid model config in ModelInfo: {e}") from e
 
@@ -269,11 +270,10 @@ def read_composer_checkpoint(path: str | Path) -> ComposerCheckpoint:
     model = state.get("model")
     if not isinstance(model, dict) or not model:
         raise CheckpointError(f"{p}: no model weights under ['state']['model']; expected {expected}")
-    cfg, pruning = read_model_info(state, str(p))
+    cfg, info = read_model_info(state, str(p))
     ds = (state.get("dataset_state") or {}).get("train")
-    info = (state.get(_MODEL_INFO[1]) or {}).get(_MODEL_INFO[2]) or {}
     return ComposerCheckpoint(path=p, model_state={unwrap_key(k): v for k, v in model.items()}, model_config=cfg,
-                              pruning=pruning or None, dataset_state=ds if isinstance(ds, dict) else None,
+                              pruning=info.get("pruning") or None, dataset_state=ds if isinstance(ds, dict) else None,
                               source_path=info.get("source_path"))
 
 

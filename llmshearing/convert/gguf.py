@@ -2,8 +2,9 @@
 
 transformers reads GGUF itself (`from_pretrained(dir, gguf_file=...)`, with the `gguf` and
 `accelerate` packages: `pip install -e ".[real]"`) and dequantizes every tensor to the requested
-dtype, undoing llama.cpp's q/k row permutation; we take that model's config and weights through the
-same validation as a Hugging Face directory, and save the tokenizer next to them so `prepare-data
+dtype, undoing llama.cpp's q/k row permutation; we take that model's config through the same
+validation as a Hugging Face directory (its weights are transformers' own model of that config, so they
+match it by construction), and save the tokenizer next to them so `prepare-data
 --tokenizer OUT` and the Hugging Face export find it. A quantized release gives the dequantized
 weights, not the original bf16 ones (Q4_1: about 4.5 bits per weight).
 """
@@ -18,6 +19,7 @@ import torch
 
 from llmshearing.convert.checkpoint import save_model_dir
 from llmshearing.convert.hf_config import model_config_from_hf
+from llmshearing.convert.hf_weights import is_dropped_buffer
 from llmshearing.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def convert_gguf_to_llmshearing(gguf_path: str | Path, out_dir: str | Path,
     config = json.loads(hf.config.to_json_string(use_diff=False))
     config["architectures"] = [type(hf).__name__]
     cfg = model_config_from_hf(config, source=f"{src} (GGUF metadata)")
-    sd = {k: v.detach().contiguous() for k, v in hf.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    sd = {k: v for k, v in hf.state_dict().items() if not is_dropped_buffer(k)}  # save_model_dir detaches
     save_model_dir(sd, cfg, out)
     # transformers' GGUF tokenizer conversion can lose the special ids; the GGUF metadata (in the
     # config) is the authority, and data prep reads them from the saved tokenizer

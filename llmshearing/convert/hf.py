@@ -37,10 +37,10 @@ from llmshearing.convert.hf_weights import (
     HF_WEIGHT_FILES,
     Entry,
     Source,
+    drop_buffers,
     drop_tied_head,
     find_hf_weight_sources,
-    is_dropped_buffer,
-    load_entry,
+    iter_tensors,
     resolve_dtype,
     scan,
     short_list,
@@ -81,17 +81,23 @@ def convert_hf_to_llmshearing(hf_dir: str | Path, out_dir: str | Path,
         raise FileNotFoundError(f"{hf_dir}: not a directory (expected a local Hugging Face model directory "
                                 f"with {HF_CONFIG_NAME} and weights)")
     dtype = resolve_dtype(dtype)
-    cfg = read_hf_config(hf_dir)
-    sources = find_hf_weight_sources(hf_dir)
     _refuse_same_dir(hf_dir, out)
-    entries = scan(sources, lambda k: None if is_dropped_buffer(k) else k)
-    validate_entries(entries, sources, cfg, str(hf_dir / HF_CONFIG_NAME))
-    drop_tied_head(entries, sources, cfg)
+    cfg, sources, entries = _plan_hf_dir(hf_dir)
     out.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s (%d tensors in %d file(s)) -> %s", hf_dir, len(entries), len(sources), out)
     stream_copy(entries, sources, out / WEIGHTS_NAME, dtype, desc="hf->llmshearing")
     (out / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return cfg
+
+
+def _plan_hf_dir(hf_dir: Path) -> tuple[ModelConfig, list[Source], dict[str, Entry]]:
+    """Config, weight files and tensor plan of an HF dir, validated against config.json; nothing loaded."""
+    cfg = read_hf_config(hf_dir)
+    sources = find_hf_weight_sources(hf_dir)
+    entries = scan(sources, drop_buffers)
+    validate_entries(entries, sources, cfg, str(hf_dir / HF_CONFIG_NAME))
+    drop_tied_head(entries, sources, cfg)
+    return cfg, sources, entries
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
@@ -103,15 +109,9 @@ def load_hf_state_dict(hf_dir: str | Path, dtype: torch.dtype | None = None) -> 
     """ModelConfig and state dict of a local Hugging Face model directory, validated exactly as
     `convert_hf_to_llmshearing` validates them, but kept in memory (safetensors tensors are read
     one by one, cast to `dtype` if given): `model.path` can point at the HF download itself."""
-    hf_dir = Path(hf_dir)
-    cfg = read_hf_config(hf_dir)
-    sources = find_hf_weight_sources(hf_dir)
-    entries = scan(sources, lambda k: None if is_dropped_buffer(k) else k)
-    validate_entries(entries, sources, cfg, str(hf_dir / HF_CONFIG_NAME))
-    drop_tied_head(entries, sources, cfg)
+    cfg, sources, entries = _plan_hf_dir(Path(hf_dir))
     sd = {}
-    for e in entries.values():
-        t = load_entry(sources, e)
+    for e, t in iter_tensors(entries, sources):
         sd[e.key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     if cfg.shape.tie_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
@@ -147,13 +147,13 @@ def copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> list[str]:
 def _export_sources(sources: Sequence[Source], entries: dict[str, Entry], cfg: ModelConfig, out: Path,
                     tokenizer_dir: str | Path | None, dtype: torch.dtype | None, config_source: str) -> Path:
     """Shared tail of every export: validate, write weights + config.json (+ tokenizer)."""
-    hf_config_from_model_config(cfg)  # refuses unsupported combinations before anything is written
+    emb = entries.get("model.embed_tokens.weight")  # None: validate_entries reports it just below
+    # built first: refuses unsupported combinations before anything is written
+    hf_cfg = hf_config_from_model_config(cfg, dtype or (emb.dtype if emb is not None else torch.float32))
     validate_entries(entries, sources, cfg, config_source)
     drop_tied_head(entries, sources, cfg)
     out.mkdir(parents=True, exist_ok=True)
     _check_export_dir(out)
-    emb = entries["model.embed_tokens.weight"]
-    hf_cfg = hf_config_from_model_config(cfg, dtype or emb.dtype)
     stream_copy(entries, sources, out / "model.safetensors", dtype, desc="llmshearing->hf")
     (out / HF_CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n")
     if tokenizer_dir is not None:
@@ -171,7 +171,7 @@ def export_to_hf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, out_d
     """
     out = Path(out_dir)
     sources = [Source(name="state dict", sd=state_dict)]
-    entries = scan(sources, lambda k: None if is_dropped_buffer(k) else k)
+    entries = scan(sources, drop_buffers)
     return _export_sources(sources, entries, cfg, out, tokenizer_dir, resolve_dtype(dtype), "the model config")
 
 
@@ -218,6 +218,6 @@ def convert_composer_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir:
     weights = {k.removeprefix("model."): v for k, v in sd.items()}
     del ck, sd
     sources = [Source(name=str(path), sd=weights)]
-    entries = scan(sources, lambda k: None if is_dropped_buffer(k) else k)
+    entries = scan(sources, drop_buffers)
     _export_sources(sources, entries, cfg, out, tokenizer_dir, dtype, f"{path} (ModelInfo config)")
     return cfg

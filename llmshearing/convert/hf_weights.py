@@ -159,6 +159,11 @@ def is_dropped_buffer(key: str) -> bool:
     return key.endswith("rotary_emb.inv_freq")
 
 
+def drop_buffers(key: str) -> str | None:
+    """The `scan` renamer of every HF-named source: keys unchanged, dropped buffers skipped."""
+    return None if is_dropped_buffer(key) else key
+
+
 @dataclass
 class Entry:
     key: str  # HF/our name
@@ -246,17 +251,24 @@ def stream_copy(entries: Mapping[str, Entry], sources: Sequence[Source], out_fil
     plan = [(e.key, e.shape, out_dtype(e)) for e in order]
     bar = tqdm(total=len(order), desc=desc, unit="tensor", disable=None)
     with SafetensorsStreamWriter(out_file, plan, {"format": "pt"}) as w:
-        for i, src in enumerate(sources):
-            todo = [e for e in order if e.source == i]
-            if not todo:
-                continue
-            with src.open() as shard:
-                for e in todo:
-                    t = shard.get(e.src_key)
-                    w.write(e.key, t.to(out_dtype(e)))
-                    del t
-                    bar.update(1)
+        for e, t in iter_tensors(entries, sources):
+            w.write(e.key, t.to(out_dtype(e)))
+            del t
+            bar.update(1)
     bar.close()
+
+
+def iter_tensors(entries: Mapping[str, Entry], sources: Sequence[Source]) -> Iterator[tuple[Entry, torch.Tensor]]:
+    """(entry, tensor) for every entry, source by source in each source's key order, opening each
+    source once (a .bin source is unpickled once, not once per tensor)."""
+    order = sorted(entries.values(), key=lambda e: e.source)
+    for i, src in enumerate(sources):
+        todo = [e for e in order if e.source == i]
+        if not todo:
+            continue
+        with src.open() as shard:
+            for e in todo:
+                yield e, shard.get(e.src_key)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
