@@ -52,13 +52,9 @@ def _load_domains_file(path: str) -> dict[str, Any]:
 
 def _run_cli(args: argparse.Namespace) -> int:
     setup_logging()
-    domains: dict[str, Any] = {}
-    if args.domains_file:
-        domains.update(_load_domains_file(args.domains_file))
-    for k, v in _parse_kv(args.domain or [], "--domain"):
-        if k in domains:
-            raise ValueError(f"domain '{k}' given twice")
-        domains[k] = v
+    # a list of (name, source): prepare() refuses a domain given twice (file and flag, or two flags)
+    domains = list((_load_domains_file(args.domains_file) if args.domains_file else {}).items())
+    domains += _parse_kv(args.domain or [], "--domain")
     if not domains:
         raise ValueError("give at least one --domain NAME=PATH or --domains-file")
     manifest = prepare(

@@ -84,10 +84,15 @@ class Packer:
             self.buf = arr[n_rows * self.seq_len:].copy()
 
 
+def mds_columns(seq_len: int, dtype: np.dtype) -> dict[str, str]:
+    """The MDS columns of a prepared row (written into the shards and recorded in the manifest)."""
+    return {"tokens": f"ndarray:{dtype.name}:{seq_len}", "domain": "str"}
+
+
 def mds_writer(out: Path, seq_len: int, dtype: np.dtype, compression: str | None, size_limit: str | int) -> Any:
     from streaming import MDSWriter
 
     out.mkdir(parents=True, exist_ok=True)
-    columns = {"tokens": f"ndarray:{dtype.name}:{seq_len}", "domain": "str"}
+    columns = mds_columns(seq_len, dtype)
     # xxh64 per shard (fast): `data.validate_hash: true` checks it before training
     return MDSWriter(out=str(out), columns=columns, compression=compression, size_limit=size_limit, hashes=["xxh64"])

@@ -52,7 +52,7 @@ from llmshearing.data.documents import (
     tokenize_task,
 )
 from llmshearing.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MERGED_EVAL
-from llmshearing.data.packing import Packer, SplitStats, mds_writer
+from llmshearing.data.packing import Packer, SplitStats, mds_columns, mds_writer
 from llmshearing.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def _manifest(plan: _Plan, stats: dict[str, dict[str, SplitStats]], empty_docs: 
                     "tokenizer_adds_bos": tok.adds_bos},
         "seq_len": seq_len,
         "dtype": plan.dtype.name,
-        "columns": {"tokens": f"ndarray:{plan.dtype.name}:{seq_len}", "domain": "str"},
+        "columns": mds_columns(seq_len, plan.dtype),
         "domains": plan.names,
         "seed": int(seed),
         "eval_fraction": float(eval_fraction),
