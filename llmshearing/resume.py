@@ -31,39 +31,35 @@ _CKPT = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt$")
 RESUME_KEYS = ("global_train_batch_size", "seed", "data.domains", "data.seq_len", "pruning.target", "pruning.modules")
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Full-checkpoint files of rank 0 that are complete, newest (highest batch) first."""
-    found = []
-    for p in folder.glob("ep*-ba*-rank0.pt"):
-        m = _CKPT.search(p.name)
-        if m and p.is_file() and zipfile.is_zipfile(p):  # torch.save writes the zip directory last
-            found.append((int(m.group(2)), p))
-    return [p for _, p in sorted(found, reverse=True)]
-
-
 def repair_latest_link(folder: str | Path) -> Path | None:
     """Move half-written checkpoint files aside (`<name>.incomplete`: Composer would refuse to save
     over them, and they must never be resumed from), and point latest-rank0.pt at the newest complete
     checkpoint when it is missing or dangling; returns the checkpoint it points to (None: nothing to
     resume from)."""
     folder = Path(folder)
+    complete = []  # (batch, path); torch.save writes the zip directory last
     for p in folder.glob("ep*-ba*-rank0.pt"):
-        if _CKPT.search(p.name) and p.is_file() and not p.is_symlink() and not zipfile.is_zipfile(p):
+        m = _CKPT.search(p.name)
+        if not m or not p.is_file():
+            continue
+        if zipfile.is_zipfile(p):
+            complete.append((int(m.group(2)), p))
+        elif not p.is_symlink():
             p.rename(p.with_name(p.name + ".incomplete"))
             log.warning("%s is an incomplete checkpoint (a save was interrupted); moved aside as %s.incomplete",
                         p, p.name)
     link = folder / LATEST
     if link.is_file() and zipfile.is_zipfile(link):
         return link.resolve()
-    good = complete_checkpoints(folder)
-    if not good:
+    if not complete:
         return None
+    newest = max(complete)[1]
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to(good[0].name)
+    link.symlink_to(newest.name)
     log.warning("%s was missing or pointed at an incomplete checkpoint (a save interrupted?); it now points at "
-                "%s, the newest complete one", link, good[0].name)
-    return good[0]
+                "%s, the newest complete one", link, newest.name)
+    return newest
 
 
 def _get(cfg: Any, dotted: str) -> Any:
