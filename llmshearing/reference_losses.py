@@ -92,15 +92,15 @@ def predict(fit: dict[str, float], n_params: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ eval
-def _load_any(model_dir: Path, dtype: torch.dtype):
-    """(callable ids -> logits, n_params, kind) for an llmshearing or a Hugging Face model dir."""
+def _load_any(model_dir: Path, dtype: torch.dtype, device: str):
+    """(callable ids -> logits, n_params, kind) for an llmshearing or a Hugging Face model dir, on `device`."""
     if is_model_dir(model_dir):
-        m = load_model(model_dir, dtype=dtype).eval()
+        m = load_model(model_dir, dtype=dtype).eval().to(device)
         return m, m.config.shape.n_params(), "llmshearing"
     if (model_dir / "config.json").is_file():
         import transformers  # only for HF dirs; seconds to import, and this module loads with `llmshearing --help`
 
-        m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
+        m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval().to(device)
         return (lambda ids: m(ids).logits), sum(p.numel() for p in m.parameters()), "hf"
     raise FileNotFoundError(f"{model_dir}: neither an llmshearing model dir nor a Hugging Face model dir")
 
@@ -132,9 +132,7 @@ def eval_losses(model_dir: str | Path, data_root: str | Path, split: str = "eval
     manifest = load_manifest(root)
     if manifest is None:
         raise FileNotFoundError(f"{root}: no manifest.json (prepare the data with `llmshearing prepare-data`)")
-    model, n_params, kind = _load_any(Path(model_dir), dtype)
-    if isinstance(model, torch.nn.Module):
-        model.to(device)
+    model, n_params, kind = _load_any(Path(model_dir), dtype, device)
     out = domain_losses(model, root, manifest["domains"], int(manifest["seq_len"]), split=split, rows=rows,
                         batch_size=batch_size, device=device)
     for dom, v in out.items():
