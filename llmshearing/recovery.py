@@ -52,13 +52,13 @@ class _StepTimer(Callback):
 
 
 def compare(demo_out: str | Path, steps: int | None = None) -> dict[str, Any]:
-    from llmshearing.demo import _model_dir_from_trainer, _train, evaluate  # the demo's own stages
+    from llmshearing.demo import _model_dir_from_trainer, _target_losses, _train, evaluate  # the demo's own stages
 
     root = Path(demo_out).resolve()
     res = json.loads((root / "results.json").read_text())
     steps = steps or res["steps"]["continued"]
     data, seq_len = root / "data", json.loads((root / "data" / "manifest.json").read_text())["seq_len"]
-    ref = ",".join(f"{res['losses']['source'][d]:.4f}" for d in DOMAINS)  # the source's own losses
+    ref = _target_losses([res["losses"]["source"][d] for d in DOMAINS])  # the source's own losses
     teacher = root / "models" / "source"
     out: dict[str, Any] = {"demo_out": str(root), "steps": steps, "teacher": str(teacher), "recipes": {}}
     for name, extra in RECIPES.items():
@@ -66,7 +66,7 @@ def compare(demo_out: str | Path, steps: int | None = None) -> dict[str, Any]:
         tr, _ = _train("cpt.yaml", [
             f"data.root={data}", "loggers.console=false", "autoresume=false", f"model.path={root / 'models' / 'pruned'}",
             f"run_name=recover-{name}", f"save_folder={root}/runs/recover-{name}", f"max_duration={steps}ba",
-            f"save_interval={steps}ba", f"eval_interval={max(steps // 4, 1)}ba", f"dynamic_loading.target_losses=[{ref}]",
+            f"save_interval={steps}ba", f"eval_interval={max(steps // 4, 1)}ba", ref,
             *(e.replace("distill={", f"distill={{teacher: {teacher}, ") for e in extra),
         ], callbacks=[timer])
         model_dir = _model_dir_from_trainer(tr, root / "models" / f"recover-{name}")
