@@ -34,6 +34,7 @@ class Recorder(Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
         self.kill_at = int(os.environ.get("DRIVER_KILL_AT", "-1"))
+        self.nan_at = int(os.environ.get("DRIVER_NAN_AT", "-1"))
         self.rec: dict = {"ids": {}, "masks_step1": [], "evals": [], "proportion_history": None}
         self._hooked = False
 
@@ -61,7 +62,7 @@ class Recorder(Callback):
         b = int(state.timestamp.batch)
         if b == self.kill_at and dist.get_global_rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
-        if b == int(os.environ.get("DRIVER_NAN_AT", "-1")):
+        if b == self.nan_at:
             with torch.no_grad():
                 for p in state.model.parameters():
                     p.fill_(float("nan"))
@@ -88,10 +89,10 @@ def _inject_save_faults() -> None:
     kill_at, enospc_at = os.environ.get("DRIVER_KILL_IN_SAVE"), os.environ.get("DRIVER_ENOSPC_AT")
     if not (kill_at or enospc_at):
         return
+    at = kill_at or enospc_at
     write = checkpoint._write_checkpoint_file
 
     def faulty(state_dict, filename: str) -> None:
-        at = kill_at or enospc_at
         if f"-ba{at}-" not in os.path.basename(filename):
             return write(state_dict, filename)
         buf = io.BytesIO()
