@@ -37,6 +37,17 @@ def test_demo_runs_and_shearing_beats_scratch(tmp_path):
     assert mean["continued"] < mean["scratch"], f"continued {mean['continued']:.3f} vs scratch {mean['scratch']:.3f}"
     assert mean["continued"] < mean["pruned"]  # continued pre-training recovers what the cut lost
 
+    # the recovery comparison (`llmshearing demo --compare`, README table) runs on that output: every recipe
+    # trains from the same cut model and is evaluated on every domain (2 batches each: a smoke run)
+    p = subprocess.run([sys.executable, "-m", "llmshearing.recovery", str(tmp_path / "demo"), "--steps", "2"],
+                       capture_output=True, text=True, env=env, timeout=900)  # hang guard
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    cmp = json.loads(p.stdout)
+    assert set(cmp["recipes"]) == {"lm_doremi", "kd_teacher_gap", "kd_constant", "lm_stratified", "scratch"}
+    for name, rec in cmp["recipes"].items():
+        assert set(rec["losses"]) == set(r["losses"]["source"]) and all(v == v for v in rec["losses"].values()), name
+    assert (tmp_path / "demo" / "recovery.png").is_file()
+
 
 def test_real_source_target_keeps_gqa_and_about_40_percent():
     """`llmshearing demo --source`: the target of SmolLM2-135M's shape (9 query heads in 3 KV groups)."""
