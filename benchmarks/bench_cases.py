@@ -34,7 +34,7 @@ class Built:
     step: Callable[[torch.Tensor, int], torch.Tensor]
     optimizer: torch.optim.Optimizer
     extra: dict[str, Any] = field(default_factory=dict)
-    holders: list[Any] = field(default_factory=list)  # keeps the models alive; dropped by `release`
+    holders: list[Any] = field(default_factory=list)  # keeps the models alive; cleared by run_case
 
 
 def make_optimizer(groups: list[dict[str, Any]], args: argparse.Namespace) -> tuple[torch.optim.Optimizer, str]:
@@ -105,6 +105,7 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
     autocast = (lambda: torch.autocast(device_type=dev.torch.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     extra: dict[str, Any] = {}
 
+    l0 = None
     if kind == "hf":
         with dev.torch:
             model, impl = make_hf_model(shape, seq)
@@ -128,9 +129,7 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
             return model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
 
         holders: list[Any] = [model]
-        l0 = None
     else:
-        l0 = None
         with dev.torch:
             mcfg = ModelConfig(shape=shape, max_position_embeddings=max(seq, 4096))
             model = LlamaForCausalLM(mcfg)
