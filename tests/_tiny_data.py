@@ -41,3 +41,35 @@ def make_tiny_data(root: Path, docs_per_domain: int = 120, seq_len: int = 128, v
     prepare({d: str(root / "raw" / d) for d in DOMAINS}, str(tok), str(root / "data"), seq_len, eval_fraction=0.15,
             eval_sequences=8, seed=0, workers=1, progress=False)
     return root / "data"
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PRUNE = REPO / "yamls/tiny/prune.yaml"
+
+
+def tiny_model_dirs(data: Path, out: Path) -> tuple[Path, Path]:
+    """Random model dirs for runs on `data`: the source of yamls/tiny/prune.yaml's shape (seed 0), and a
+    model of its pruning target's shape (seed 1), i.e. what prune-export would leave. (out/src, out/cut)"""
+    import torch
+
+    from llmshearing.config import build_model_config, load_config, pruning_target
+    from llmshearing.convert.checkpoint import save_model_dir
+    from llmshearing.models.config import ModelConfig
+    from llmshearing.models.llama import LlamaForCausalLM
+
+    cfg = load_config(TINY_PRUNE, [f"data.root={data}"])
+    src = build_model_config(cfg)
+    tgt = pruning_target(src.shape, dict(cfg.pruning.target))
+    dirs = []
+    for seed, mcfg, name in ((0, src, "src"), (1, ModelConfig.from_dict({**src.to_dict(), "shape": tgt.to_dict()}), "cut")):
+        torch.manual_seed(seed)
+        m = LlamaForCausalLM(mcfg)
+        dirs.append(save_model_dir(m.state_dict(), m.config, out / name))
+    return dirs[0], dirs[1]
+
+
+def driver_env(extra: dict | None = None) -> dict:
+    """Environment of a `composer ... tests/_mp_driver.py` (or train.py) subprocess run from the repo."""
+    import os
+
+    return dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", WANDB_MODE="offline", **(extra or {}))

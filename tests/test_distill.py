@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from llmshearing.config import load_config, resolve_proportions
-from llmshearing.convert.checkpoint import load_model, save_domain_weights, save_model_dir
+from llmshearing.convert.checkpoint import load_model, save_domain_weights
 from llmshearing.distill import distillation_loss
-from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.train import build_trainer
 
-from _tiny_data import DOMAINS, make_tiny_data
+from _tiny_data import DOMAINS, make_tiny_data, tiny_model_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 CPT = REPO / "yamls/tiny/cpt.yaml"
@@ -56,21 +55,9 @@ def test_distillation_loss_equals_brute_force_kl(temperature, reverse):
 def setup(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("distill")
     data = make_tiny_data(tmp / "tiny")
-    shape = load_config(REPO / "yamls/tiny/prune.yaml", [f"data.root={data}"])
-    from llmshearing.config import build_model_config, pruning_target
-    from llmshearing.models.config import ModelConfig
-
-    src = build_model_config(shape)
-    tgt = pruning_target(src.shape, dict(shape.pruning.target))
-    torch.manual_seed(0)
-    teacher = LlamaForCausalLM(src)
-    save_model_dir(teacher.state_dict(), teacher.config, tmp / "teacher")
-    torch.manual_seed(1)
-    student = LlamaForCausalLM(ModelConfig.from_dict({**src.to_dict(), "shape": tgt.to_dict()}))
-    save_model_dir(student.state_dict(), student.config, tmp / "student")
-    save_domain_weights(tmp / "student", {"code": 0.4, "legal": 0.3, "prose": 0.3}, source="test",
-                        source_model=str(tmp / "teacher"))
-    return {"tmp": tmp, "data": data, "teacher": tmp / "teacher", "student": tmp / "student"}
+    teacher, student = tiny_model_dirs(data, tmp)
+    save_domain_weights(student, {"code": 0.4, "legal": 0.3, "prose": 0.3}, source="test", source_model=str(teacher))
+    return {"tmp": tmp, "data": data, "teacher": teacher, "student": student}
 
 
 def _run(setup, name: str, extra: list[str]):

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
-from llmshearing.convert.checkpoint import save_model_dir
 from llmshearing.resume import repair_latest_link
 
-from _tiny_data import make_tiny_data
+from _tiny_data import driver_env, make_tiny_data, tiny_model_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE, CPT = REPO / "yamls/tiny/prune.yaml", REPO / "yamls/tiny/cpt.yaml"
@@ -31,18 +30,13 @@ HANG_GUARD_S = 600
 def env(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("faults")
     data = make_tiny_data(tmp / "tiny")
-    from llmshearing.config import build_model_config, load_config
-    from llmshearing.models.llama import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(build_model_config(load_config(PRUNE, [f"data.root={data}"])))
-    model = save_model_dir(m.state_dict(), m.config, tmp / "model")
+    model, _ = tiny_model_dirs(data, tmp)
     return {"tmp": tmp, "data": data, "model": model}
 
 
 def _train(yaml: Path, overrides: list[str], env_extra: dict | None = None, driver: Path | None = None):
     """`composer -n 1 tests/_mp_driver.py` (train.py's main + fault injection), or plain train.py."""
-    e = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", WANDB_MODE="offline", **(env_extra or {}))
+    e = driver_env(env_extra)
     if driver is None:
         cmd = [sys.executable, "train.py", str(yaml), *overrides]
     else:

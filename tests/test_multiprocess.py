@@ -16,7 +16,6 @@ all with the same seed, global batch 16, 8 batches, an evaluation before the fir
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +24,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmshearing.config import build_model_config, load_config
-from llmshearing.convert.checkpoint import load_model, save_domain_weights, save_model_dir
-from llmshearing.models.llama import LlamaForCausalLM
+from llmshearing.config import load_config
+from llmshearing.convert.checkpoint import load_model, save_domain_weights
 
-from _tiny_data import DOMAINS, make_tiny_data
+from _tiny_data import DOMAINS, driver_env, make_tiny_data, tiny_model_dirs
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE = REPO / "yamls/tiny/prune.yaml"
@@ -41,27 +39,13 @@ HANG_GUARD_S = 600  # a hang guard: a normal 2-rank run takes ~20-40 s on 2 busy
 pytestmark = pytest.mark.multiprocess
 
 
-def _random_model_dir(cfg, out: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    m = LlamaForCausalLM(cfg)
-    return save_model_dir(m.state_dict(), m.config, out)
-
-
 class Runs:
     """Launches the runs lazily (each once) and keeps their outputs."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.data = make_tiny_data(tmp / "tiny")
-        prune_cfg = load_config(PRUNE, [f"data.root={self.data}"])
-        src = build_model_config(prune_cfg)
-        self.src_dir = _random_model_dir(src, tmp / "src", seed=0)
-        from llmshearing.config import pruning_target
-        from llmshearing.models.config import ModelConfig
-
-        tgt = pruning_target(src.shape, dict(prune_cfg.pruning.target))
-        self.cpt_dir = _random_model_dir(ModelConfig.from_dict({**src.to_dict(), "shape": tgt.to_dict()}),
-                                         tmp / "cut", seed=1)
+        self.src_dir, self.cpt_dir = tiny_model_dirs(self.data, tmp)
         # as prune-export leaves it: the CPT yaml starts from this mixture (data.proportions: from_model)
         save_domain_weights(self.cpt_dir, {"code": 0.5, "legal": 0.25, "prose": 0.25}, source="test")
         self._done: dict[str, dict] = {}
@@ -83,8 +67,7 @@ class Runs:
                      "dynamic_loading.update=teacher_gap"]
         cmd = [str(COMPOSER), "-n", str(nproc), "tests/_mp_driver.py", str(out), str(PRUNE if stage == "prune" else CPT),
                *self.overrides(stage, save, nproc, micro), *extra]
-        e = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", WANDB_MODE="offline", **(env or {}))
-        p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=HANG_GUARD_S)
+        p = subprocess.run(cmd, cwd=REPO, env=driver_env(env), capture_output=True, text=True, timeout=HANG_GUARD_S)
         return p, out, save
 
     def get(self, name: str) -> dict:
