@@ -45,11 +45,15 @@ class Device(str, Enum):
     gpu = "gpu"
 
 
-class ShardingStrategy(str, Enum):
-    FULL_SHARD = "FULL_SHARD"
-    SHARD_GRAD_OP = "SHARD_GRAD_OP"
-    NO_SHARD = "NO_SHARD"
-    HYBRID_SHARD = "HYBRID_SHARD"
+class MixedPrecision(str, Enum):
+    DEFAULT = "DEFAULT"  # params gathered in bf16/fp16, gradients reduced in fp32
+    PURE = "PURE"  # both in bf16/fp16
+    FULL = "FULL"  # fp32 throughout
+
+
+class StateDictType(str, Enum):
+    full = "full"  # one checkpoint file, gathered on rank 0
+    sharded = "sharded"  # one folder per checkpoint, every rank writes its shard (torch.distributed.checkpoint)
 
 
 class OnExhausted(str, Enum):
@@ -144,11 +148,13 @@ class SchedulerSection:
 
 @dataclass
 class FSDPSection:
-    sharding_strategy: ShardingStrategy = ShardingStrategy.FULL_SHARD
-    mixed_precision: str = "DEFAULT"
+    """FSDP2 (`llmshearing.sharding`): every decoder layer and the L0 module (always fp32) their own
+    units, parameters sharded over all ranks. On CPU (gloo) as on GPU (nccl). Setting any `fsdp.*` key
+    on the command line turns it on with these defaults for the others."""
+    reshard_after_forward: bool = True  # True: FULL_SHARD; False: keep gathered until backward (SHARD_GRAD_OP)
+    mixed_precision: MixedPrecision = MixedPrecision.DEFAULT  # with precision amp_bf16 / amp_fp16
     activation_checkpointing: bool = True
-    state_dict_type: str = "full"
-    limit_all_gathers: bool = True
+    state_dict_type: StateDictType = StateDictType.full
 
 
 @dataclass

@@ -14,14 +14,16 @@ from typing import Any
 
 import torch
 from composer import Trainer
-from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Callback, Evaluator
 from composer.loggers import FileLogger, WandBLogger
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist
+from composer.utils.parallelism import FSDP2Config
 from streaming.base.util import clean_stale_shared_memory
 
+from llmshearing import sharding
+from llmshearing.callbacks.gradients import FinishGradients
 from llmshearing.callbacks.distillation import DistillationCallback
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshearing.callbacks.guard import LossGuard, NonFiniteLossError
@@ -70,22 +72,25 @@ def _device(cfg: TrainConfig) -> str:
 def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: bool = False):
     """ComposerLlama with source weights (model.path) or random init, plus the L0 module when pruning.
 
-    Only rank 0 reads `model.path` (a 7B source is 27 GB of fp32 per copy, times 8 ranks per node).
-    The other ranks build the model without weights and receive rank 0's: under FSDP (`sharded`)
-    they stay on the meta device until FSDP materialises each unit and `sync_module_states`
-    broadcasts it; under DDP they get uninitialised storage, which DDP's construction-time
-    broadcast from rank 0 overwrites.
+    Only rank 0 reads `model.path` or draws the random init (a 7B source is 27 GB of fp32 per copy,
+    times 8 ranks per node). The other ranks build the model without weights and receive rank 0's:
+    under FSDP (`sharded`) they stay on the meta device until `shard_model` gives each its shard of
+    rank 0's weights; under DDP they get uninitialised storage, which DDP's construction-time
+    broadcast from rank 0 overwrites. The L0 module is small and seeded: every rank builds it.
     """
+    weights = rank == 0 or world_size == 1
     if cfg.model.path is not None:
-        weights = rank == 0 or world_size == 1
         # fp32 master weights (amp computes in bf16)
         model = load_source_model(cfg.model.path, dtype=torch.float32, weights=weights)
-        if not weights and not sharded:
-            model.to_empty(device="cpu")
-            model.model.rotary_emb.reset_parameters()
-            model.tie_weights()
-    else:
+    elif weights:
         model = LlamaForCausalLM(build_model_config(cfg))
+    else:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(build_model_config(cfg))
+    if not weights and not sharded:
+        model.to_empty(device="cpu")
+        model.model.rotary_emb.reset_parameters()
+        model.tie_weights()
     l0 = None
     if cfg.pruning is not None:
         max_ba = time_in_batches(cfg.max_duration, "max_duration")
@@ -98,6 +103,41 @@ def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: b
             seed=cfg.seed,  # mask noise is keyed by (seed, step, global microbatch): resumable, any world size
         )
     return ComposerLlama(model=model, l0=l0)
+
+
+def shard_llama_from_rank0(cfg: TrainConfig, model: LlamaForCausalLM, device: str, precision: str,
+                           rank: int) -> None:
+    """FSDP2 units of one LlamaForCausalLM (the student or the teacher) in the run's mixed precision,
+    filled with rank 0's weights (the other ranks built it on the meta device)."""
+    f = cfg.fsdp
+    full = sharding.full_state_on_rank0(model, rank)
+    mesh = sharding.device_mesh(device)
+    sharding.shard_llama(model, mesh, sharding.mixed_precision_policy(precision, f.mixed_precision.value),
+                         reshard_after_forward=f.reshard_after_forward)
+    sharding.materialize_from_rank0(model, full, torch.device("cuda", torch.cuda.current_device())
+                                    if device == "gpu" else torch.device("cpu"))
+
+
+def shard_model(cfg: TrainConfig, composer_model: ComposerLlama, device: str, precision: str, rank: int) -> None:
+    """FSDP2 (see `llmshearing.sharding`): the model's units in the run's mixed precision, the L0 module
+    in fp32, rank 0's weights scattered to every rank's shard. Composer then finds the model sharded:
+    its own FSDP2 pass is told to wrap nothing more (`_fsdp_wrap = False` on the two children, the
+    attribute its wrap policy reads first), and only saves, loads and skips DDP."""
+    model = composer_model.model
+    if cfg.fsdp.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    shard_llama_from_rank0(cfg, model, device, precision, rank)
+    model._fsdp_wrap = False
+    if composer_model.l0 is not None:
+        sharding.shard_fp32(composer_model.l0, sharding.device_mesh(device))
+        composer_model.l0._fsdp_wrap = False
+
+
+def composer_fsdp_config(cfg: TrainConfig) -> FSDP2Config:
+    """What Composer needs to know of our sharding: how to save (full or sharded checkpoints). The
+    wrapping, precision and activation checkpointing are ours (`shard_model`)."""
+    return FSDP2Config(state_dict_type=cfg.fsdp.state_dict_type.value, activation_checkpointing=False,
+                       mixed_precision="FULL")
 
 
 def build_optimizer(cfg: TrainConfig, composer_model) -> torch.optim.Optimizer:
@@ -131,7 +171,8 @@ def build_dataloaders(cfg: TrainConfig, world_size: int, rank: int):
     return train_dl, evaluators
 
 
-def build_callbacks(cfg: TrainConfig, composer_model) -> list:
+def build_callbacks(cfg: TrainConfig, composer_model, sharded: bool = False, device: str = "cpu",
+                    precision: str = "fp32") -> list:
     pruning_info = None
     if composer_model.l0 is not None:
         pruning_info = composer_model.l0.config_dict()
@@ -152,9 +193,13 @@ def build_callbacks(cfg: TrainConfig, composer_model) -> list:
     if cfg.distill is not None:
         ds = cfg.distill
         teacher_gap = mixing if mixing is not None and mixing.update == "teacher_gap" else None
+        shard = None
+        if sharded:
+            def shard(teacher: LlamaForCausalLM) -> None:
+                shard_llama_from_rank0(cfg, teacher, device, precision, dist.get_global_rank())
         cbs.append(DistillationCallback(resolve_teacher(cfg), alpha=ds.alpha, temperature=ds.temperature,
                                         divergence=ds.divergence.value, teacher_gap=teacher_gap,
-                                        eval_batch_size=cfg.device_eval_batch_size))
+                                        eval_batch_size=cfg.device_eval_batch_size, shard=shard))
     return cbs
 
 
@@ -204,17 +249,6 @@ def build_scheduler(cfg: TrainConfig) -> CosineAnnealingWithWarmupScheduler:
     return CosineAnnealingWithWarmupScheduler(t_warmup=f"{warmup}ba", alpha_f=cfg.scheduler.alpha_f)
 
 
-def fsdp_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """Composer's parallelism_config for FSDP (GPU runs with an `fsdp:` section)."""
-    f = cfg.fsdp
-    return {"fsdp": {
-        "sharding_strategy": f.sharding_strategy.value, "mixed_precision": f.mixed_precision,
-        "activation_checkpointing": f.activation_checkpointing, "activation_checkpointing_reentrant": False,
-        "state_dict_type": f.state_dict_type, "limit_all_gathers": f.limit_all_gathers, "use_orig_params": True,
-        "sync_module_states": world_size > 1,  # ranks > 0 start on meta (build_model)
-    }}
-
-
 def _prepare_save_folder(cfg: TrainConfig, rank: int) -> None:
     """Before the Trainer autoresumes: refuse a resume under a changed config, repair the latest
     link after an interrupted save (see llmshearing.resume), then record this launch's config."""
@@ -249,16 +283,18 @@ def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
     if device == "cpu" and precision != "fp32":
         log.warning("precision %s is not used on CPU; running in fp32", precision)
         precision = "fp32"
-    sharded = cfg.fsdp is not None and device == "gpu"
+    sharded = cfg.fsdp is not None
 
     torch.manual_seed(cfg.seed)
     composer_model = build_model(cfg, rank, world_size, sharded)
+    if sharded:
+        shard_model(cfg, composer_model, device, precision, rank)
     optimizer = build_optimizer(cfg, composer_model)
     train_dl, evaluators = build_dataloaders(cfg, world_size, rank)
     _prepare_save_folder(cfg, rank)
-    algorithms = []
-    if cfg.grad_clip_norm:
-        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.grad_clip_norm))
+    # gloo runs FSDP2's averaging reduce-scatter as a sum (see callbacks/gradients.py)
+    gloo_sum = world_size if sharded and torch.distributed.get_backend() == "gloo" else 1
+    algorithms = [FinishGradients(cfg.grad_clip_norm or None, divide_by=gloo_sum)]
     return Trainer(
         run_name=cfg.run_name,
         model=composer_model,
@@ -273,9 +309,9 @@ def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
         device=device,
         precision=precision,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
-        parallelism_config=fsdp_config(cfg, world_size) if sharded else None,
+        parallelism_config={"fsdp": composer_fsdp_config(cfg)} if sharded else None,
         algorithms=algorithms,
-        callbacks=build_callbacks(cfg, composer_model) + list(extra_callbacks)
+        callbacks=build_callbacks(cfg, composer_model, sharded, device, precision) + list(extra_callbacks)
         + [ReleaseDataOnClose([train_dl, *(e.dataloader.dataloader for e in evaluators)])],
         loggers=build_loggers(cfg) + list(extra_loggers),
         save_folder=cfg.save_folder,

@@ -4,7 +4,8 @@
 
 writes OUT_DIR/rank{r}.json per rank: the global sample ids of every batch this rank trained on,
 the masks this rank sampled in step 1 (pruning), the per-domain eval losses of every evaluation,
-and the train sampler's proportion history. `DRIVER_KILL_AT=N` SIGKILLs rank 1 at the start of
+the train sampler's proportion history, and the shape this rank holds of every parameter (its FSDP2
+shard, or the whole tensor). `DRIVER_KILL_AT=N` SIGKILLs rank 1 at the start of
 batch N (a node lost mid-run; the launcher then stops the other ranks). Fault injection for
 tests/test_faults.py: `DRIVER_KILL_IN_SAVE=N` SIGKILLs rank 0 halfway through writing the checkpoint
 of batch N; `DRIVER_ENOSPC_AT=N` makes that write fail with ENOSPC after half the bytes (disk
@@ -67,6 +68,18 @@ class Recorder(Callback):
                 for p in state.model.parameters():
                     p.fill_(float("nan"))
         self.rec["ids"][b] = state.batch["idx"].tolist()
+
+    def batch_end(self, state, logger) -> None:
+        if "params" in self.rec:
+            return
+        # what this rank holds of every parameter (after backward, when FSDP2 has resharded every unit):
+        # FSDP2 shards are DTensors (local part, placement)
+        from torch.distributed.tensor import DTensor
+
+        self.rec["params"] = {
+            n: {"full": list(p.shape), "local": list(p.to_local().shape) if isinstance(p, DTensor) else list(p.shape),
+                "placements": [str(x) for x in p.placements] if isinstance(p, DTensor) else None}
+            for n, p in state.model.named_parameters()}
 
     def eval_after_all(self, state, logger) -> None:
         losses = {label: float(m["LanguageCrossEntropy"].compute()) for label, m in state.eval_metrics.items()}

@@ -28,7 +28,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 PRUNE = REPO / "yamls/tiny/prune.yaml"
 CPT = REPO / "yamls/tiny/cpt.yaml"
-GPU_OVERRIDES = ["device=gpu", "precision=amp_bf16", "fsdp.sharding_strategy=FULL_SHARD",
+GPU_OVERRIDES = ["device=gpu", "precision=amp_bf16", "fsdp.reshard_after_forward=true",
                  "fsdp.activation_checkpointing=true"]
 
 pytestmark = pytest.mark.gpu

@@ -1,5 +1,5 @@
 """L0Module: mask types and shapes, expected size vs brute force, schedule, Lagrangian and its signs
-through a real optimizer step, config round trip, FSDP hook, param groups."""
+through a real optimizer step, config round trip, param groups (FSDP2: tests/test_sharding.py)."""
 
 import itertools
 import math
@@ -380,17 +380,6 @@ def test_seed_makes_init_reproducible_and_clamp():
         a.log_alpha("head").fill_(50.0)
     a.clamp_()
     assert torch.allclose(a.log_alpha("head"), torch.full((3, 3), hc.LOG_ALPHA_MAX))
-
-
-def test_fsdp_wrap_fn_keeps_l0_in_fp32():
-    from torch.distributed.fsdp import MixedPrecision
-
-    l0 = L0Module(TINY_MHA, TINY_MHA.replace(n_heads=1, n_kv_heads=1), ["head"])
-    ret = l0.fsdp_wrap_fn(l0)
-    assert isinstance(ret, dict) and isinstance(ret["mixed_precision"], MixedPrecision)
-    mp = ret["mixed_precision"]
-    assert mp.param_dtype == mp.reduce_dtype == mp.buffer_dtype == torch.float32
-    assert l0.fsdp_wrap_fn(torch.nn.Linear(2, 2)) is False
 
 
 def test_stats_keys_and_values():

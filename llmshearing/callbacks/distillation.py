@@ -4,9 +4,11 @@ The teacher lives in this callback, not in the trained model: it is then outside
 (no optimizer state), outside DDP (no gradient all-reduce), and outside the checkpoints (a 7B
 teacher is not saved again with every student checkpoint; it is reloaded from `distill.teacher`).
 
-- FIT_START (or the evaluation before it, `eval_first`): load the teacher (memory-mapped file, fp32 master copy like the student's), freeze it
-  (eval mode, requires_grad False), move it to the run's device; under FSDP, shard it like the
-  student (each decoder layer its own unit). With teacher-gap mixing, compute its per-domain eval
+- FIT_START (or the evaluation before it, `eval_first`): load the teacher (memory-mapped file, fp32
+  master copy like the student's), freeze it (eval mode, requires_grad False), move it to the run's
+  device; under FSDP, shard it like the student (`shard`: each decoder layer its own unit, in the
+  run's mixed precision; only rank 0 reads the file, the others build on the meta device and receive
+  their shards). With teacher-gap mixing, compute its per-domain eval
   losses on the run's eval rows once and hand them to the dynamic-loading callback (which keeps
   them in the checkpoint, so a resumed run does not recompute them).
 - AFTER_FORWARD (every microbatch): the teacher's logits for the same rows, without gradients, in
@@ -18,6 +20,7 @@ teacher is not saved again with every student checkpoint; it is reloaded from `d
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from composer.core import Callback, State, get_precision_context
@@ -28,7 +31,6 @@ from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshearing.convert.model_source import load_source_model
 from llmshearing.distill import Divergence, distillation_loss
 from llmshearing.models.composer_model import next_token_loss_sum, shift_targets
-from llmshearing.models.llama import DecoderLayer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class DistillationCallback(Callback):
     # distill.teacher, and its eval losses live in the dynamic-loading callback's state.
     def __init__(self, teacher: str, alpha: float = 0.5, temperature: float = 1.0,
                  divergence: str = Divergence.forward_kl, teacher_gap: DynamicLoadingCallback | None = None,
-                 eval_batch_size: int = 8) -> None:
+                 eval_batch_size: int = 8, shard: Callable[[torch.nn.Module], None] | None = None) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.teacher_path = str(teacher)
@@ -47,6 +49,7 @@ class DistillationCallback(Callback):
         self.divergence = Divergence(divergence)
         self.teacher_gap = teacher_gap
         self.eval_batch_size = int(eval_batch_size)
+        self.shard = shard
         self.teacher: torch.nn.Module | None = None
         self._logits: torch.Tensor | None = None
 
@@ -69,19 +72,17 @@ class DistillationCallback(Callback):
 
     def _load_teacher(self, state: State) -> torch.nn.Module:
         student = state.model
-        teacher = load_source_model(self.teacher_path, dtype=torch.float32)
+        weights = self.shard is None or dist.get_global_rank() == 0
+        teacher = load_source_model(self.teacher_path, dtype=torch.float32, weights=weights)
         teacher.eval().requires_grad_(False)
         if teacher.config.shape.vocab_size != _vocab_size(student):
             raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary {teacher.config.shape.vocab_size} "
                              f"differs from the student's {_vocab_size(student)}")
-        teacher = state.device.module_to_device(teacher)
-        if state.fsdp_enabled:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-            teacher = FullyShardedDataParallel(teacher, auto_wrap_policy=ModuleWrapPolicy({DecoderLayer}),
-                                               device_id=torch.cuda.current_device(), use_orig_params=True)
-        n = sum(p.numel() for p in teacher.parameters())
+        if self.shard is not None:
+            self.shard(teacher)
+        else:
+            teacher = state.device.module_to_device(teacher)
+        n = teacher.config.shape.n_params()
         log.info("distillation: teacher %s (%s parameters) frozen, alpha=%s T=%s %s", self.teacher_path, f"{n:,}",
                  self.alpha, self.temperature, self.divergence.value)
         return teacher
@@ -105,23 +106,27 @@ class DistillationCallback(Callback):
     @torch.no_grad()
     def teacher_eval_losses(self, state: State) -> dict[str, float]:
         """Token-mean next-token loss of the teacher on each domain's eval rows, every row once: each
-        rank reads its share (the rows its DistributedSampler deals it, without the padding repeats)
-        and the sums are all-reduced."""
+        rank reads the rows its DistributedSampler deals it and the sums are all-reduced. The sampler
+        pads the ranks to equal length with repeats at the end of the list: they are run (under FSDP
+        every rank must make the same forwards, which are collectives) but not counted."""
         out = {}
         for evaluator in state.evaluators:
             loader = evaluator.dataloader.dataloader
             sampler, dataset = loader.sampler, loader.dataset
             world, rank = dist.get_world_size(), dist.get_global_rank()
-            rows = [idx for i, idx in enumerate(sampler) if i * world + rank < len(dataset)]
+            rows = list(sampler)
+            n_real = sum(1 for i in range(len(rows)) if i * world + rank < len(dataset))  # a prefix of `rows`
             total = state.device.tensor_to_device(torch.zeros(2, dtype=torch.float64))
             for start in range(0, len(rows), self.eval_batch_size):
                 ids = torch.stack([dataset[j]["input_ids"] for j in rows[start:start + self.eval_batch_size]])
                 ids = state.device.tensor_to_device(ids)
                 with get_precision_context(state.precision, state.precision_config):
                     logits = self.teacher(ids)
-                ce, n = next_token_loss_sum(logits, ids)
-                total[0] += ce.double()
-                total[1] += n
+                real = max(0, min(len(ids), n_real - start))
+                if real:
+                    ce, n = next_token_loss_sum(logits[:real], ids[:real])
+                    total[0] += ce.double()
+                    total[1] += n
             dist.all_reduce(total, reduce_operation="SUM")
             out[evaluator.label] = float(total[0] / total[1])
         return out

@@ -6,7 +6,7 @@
   parameters, and returned as `outputs['lagrangian']`) to the loss dict as 'lag_loss' and 'total'.
 - BATCH_END (after the optimizer step): clamp log_alpha into range (in place, no host sync); on
   logging steps only (every `log_interval` batches), log `L0Module.stats()`: those floats are host
-  syncs (and an all-gather under FSDP), which a GPU step should not wait for every batch.
+  syncs (and an all-gather under FSDP2), which a GPU step should not wait for every batch.
 - EVAL_START: eval must use deterministic masks; the model is in eval mode, and the module's
   `eval_target_model` picks the "current expected" or the exact target model.
 - EVAL_AFTER_ALL (once per eval round, whatever the number of evaluators): rank 0 saves the
@@ -19,9 +19,9 @@ Mask file format (torch.save of a dict):
      'eval_target_model': bool}
 Load with `StructureMasks.from_state_dict(torch.load(f)['masks'])`.
 
-Under FSDP the L0 module is its own (fp32) unit whose parameters are sharded outside forward; stats
-and masks are read inside `FSDP.summon_full_params(<that unit>, writeback=False)` (a tiny
-all-gather, run on every rank since it is a collective).
+Under FSDP2 the L0 module is its own (fp32) unit whose parameters are DTensor shards outside forward;
+`clamp_` works on the local shards, and stats and masks are read inside `full_l0_params` (an
+all-gather of that unit alone, a few KB, run on every rank since it is a collective).
 """
 
 from __future__ import annotations
@@ -39,16 +39,9 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.pruning.l0 import L0Module, unwrap_l0
+from llmshearing.sharding import full_params
 
 log = logging.getLogger(__name__)
-
-
-def _fsdp_class():
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # torch without distributed
-        return None
-    return FullyShardedDataParallel
 
 
 def find_l0(model: torch.nn.Module) -> tuple[torch.nn.Module, L0Module]:
@@ -64,16 +57,10 @@ def find_l0(model: torch.nn.Module) -> tuple[torch.nn.Module, L0Module]:
 
 @contextlib.contextmanager
 def full_l0_params(model: torch.nn.Module) -> Iterator[L0Module]:
-    """Yield the L0Module with its full (unsharded) parameters; a no-op without FSDP."""
+    """Yield the L0Module with its whole parameters (under FSDP2 an all-gather of that unit alone,
+    a collective every rank enters); a no-op without FSDP."""
     wrapped, l0 = find_l0(model)
-    fsdp = _fsdp_class()
-    if fsdp is not None and isinstance(wrapped, fsdp):
-        with fsdp.summon_full_params(wrapped, writeback=False):
-            yield l0
-    elif fsdp is not None and any(isinstance(mod, fsdp) for mod in model.modules()):
-        with fsdp.summon_full_params(model, writeback=False):
-            yield l0
-    else:
+    with full_params(wrapped):
         yield l0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llmshearing.masks import StructureMasks
 from llmshearing.models.config import ModelConfig
@@ -121,9 +122,19 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        # Activation checkpointing (set by the trainer): keep only this layer's input for backward and
+        # recompute the rest. Inside the layer, not a wrapper module, so parameter names, checkpoints
+        # and the FSDP unit (whose hooks stay outside the recomputed region) do not change with it.
+        self.checkpoint_activations = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: StructureMasks | None = None,
                 idx: int = 0) -> torch.Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, masks, idx, use_reentrant=False)
+        return self._forward(x, cos, sin, masks, idx)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: StructureMasks | None,
+                 idx: int) -> torch.Tensor:
         if masks is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin)
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -200,19 +211,7 @@ class LlamaForCausalLM(nn.Module):
             masks = None
         return self.lm_head(self.model(input_ids, masks))
 
-    @torch.no_grad()
-    def param_init_fn(self, module: nn.Module) -> None:
-        """Fill one module's own tensors after FSDP has materialised it from the meta device (ranks > 0
-        of a sharded run, see `train.build_model`); the values are then replaced by rank 0's through
-        `sync_module_states`, except the rotary buffer, which is recomputed here."""
-        if isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
-        elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-
-    # Composer/FSDP hooks: wrap and checkpoint one decoder layer at a time.
-    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
-        return isinstance(module, DecoderLayer)
-
-    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
-        return isinstance(module, DecoderLayer)
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer's activations in backward instead of storing them."""
+        for layer in self.model.layers:
+            layer.checkpoint_activations = enabled

@@ -360,19 +360,6 @@ class L0Module(nn.Module):
         out["lagrangian"] = float(self.lagrangian(step, rows))
         return out
 
-    # ---- FSDP ----------------------------------------------------------------------------------
-    def fsdp_wrap_fn(self, module: nn.Module) -> bool | dict[str, Any]:
-        """Wrap this module as its own FSDP unit kept in fp32 (mask logits and multipliers must
-        not be cast to bf16 by amp_bf16 / mixed_precision DEFAULT)."""
-        if module is not self:
-            return False
-        try:
-            from torch.distributed.fsdp import MixedPrecision
-        except ImportError:  # torch built without distributed
-            return True
-        return {"mixed_precision": MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32,
-                                                  buffer_dtype=torch.float32)}
-
     def extra_repr(self) -> str:
         return ", ".join(f"{n}{list(s.shape)}->keep {s.n_keep}/row" for n, s in self.specs.items())
 
