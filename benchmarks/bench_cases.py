@@ -83,6 +83,30 @@ def apply_activation_checkpointing(root: torch.nn.Module, layer_cls: type) -> No
              check_fn=lambda m: isinstance(m, layer_cls))
 
 
+def fsdp2_mesh(dev: Device):
+    """A 1-rank FSDP2 mesh (a process group of one is created if none exists): the units, mixed
+    precision policy and gradient path of a sharded `train.py` run, measured on one device."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 200))
+        dist.init_process_group("nccl" if dev.torch.type == "cuda" else "gloo", rank=0, world_size=1)
+    return init_device_mesh(dev.torch.type, (1,))
+
+
+def shard_hf(model: torch.nn.Module, mesh, policy) -> None:
+    """The HF baseline sharded like ours: one unit per decoder layer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
 def compile_layers(layers: torch.nn.ModuleList) -> None:
     import torch._dynamo.config as dcfg
 
@@ -96,7 +120,7 @@ def compile_layers(layers: torch.nn.ModuleList) -> None:
 def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: int, dev: Device,
                args: argparse.Namespace) -> Built:
     from llmshearing.models.config import ModelConfig
-    from llmshearing.models.llama import DecoderLayer, LlamaForCausalLM
+    from llmshearing.models.llama import LlamaForCausalLM
 
     ComposerLlama, _ = composer_llama()
     torch.manual_seed(0)
@@ -117,6 +141,10 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
             apply_activation_checkpointing(model, layer_cls)
         if args.compile:
             compile_layers(model.model.layers)
+        if args.fsdp:
+            from llmshearing import sharding
+
+            shard_hf(model, fsdp2_mesh(dev), sharding.mixed_precision_policy(args.precision, "DEFAULT"))
         params = [p for p in model.parameters() if p.requires_grad]
         opt, opt_name = make_optimizer([{"params": params}], args)
 
@@ -144,10 +172,17 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
                 extra["pruning"] = {"target": target.to_dict(), "modules": modules, "mask_types": l0.mask_types}
             cm = ComposerLlama(model=model, l0=l0)
         cm.train()
-        if args.activation_checkpointing:
-            apply_activation_checkpointing(cm.model, DecoderLayer)
+        if args.activation_checkpointing:  # what train.py does (inside each layer; names unchanged)
+            cm.model.set_activation_checkpointing(True)
         if args.compile:
             compile_layers(model.model.layers)
+        if args.fsdp:  # the units and policies of train.shard_model
+            from llmshearing import sharding
+
+            mesh = fsdp2_mesh(dev)
+            sharding.shard_llama(cm.model, mesh, sharding.mixed_precision_policy(args.precision, "DEFAULT"))
+            if l0 is not None:
+                sharding.shard_fp32(l0, mesh)
         if l0 is not None:
             from llmshearing.pruning.l0 import pruning_param_groups
 
@@ -188,7 +223,9 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
             loss = forward_loss(ids)
         loss.backward()
         if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            from llmshearing.sharding import clip_grad_norm_  # DTensor-aware, what train.py uses
+
+            clip_grad_norm_(params, args.grad_clip)
         opt.step()
         if l0 is not None:
             l0.clamp_()

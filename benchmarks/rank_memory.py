@@ -1,19 +1,21 @@
-"""Host memory per rank while a 2-rank run builds its model from `model.path`. Prints JSON.
+"""Host memory per rank of a 2-rank run, DDP vs FSDP2, from `model.path` to after an optimizer step.
+Prints JSON.
 
     python benchmarks/rank_memory.py [--d-model 768 --layers 12 --ffn 3072 --vocab 32000] [--out F.json]
 
-Writes a random model of that shape (default 162M parameters, 649 MB in fp32) as an llmshearing
-model dir in bf16 (as released checkpoints are; training upcasts to fp32 on load), then starts 2 real processes (torch.multiprocessing, gloo on CPU) that run what `train.py` runs
-before training: `init_distributed`, then `train.build_model` (rank 0 reads the weights, the
-others build on the meta device), then the DDP wrap Composer applies on CPU (its construction-time
-broadcast is how ranks > 0 get rank 0's weights). Each rank reports its peak RSS (VmHWM, which
-counts memory-mapped file pages that were read) above its baseline after imports, after each
-stage. The same is measured for `--every-rank-loads` (the behaviour before: every rank read the
-file), so one run shows the difference.
+Writes a random model of that shape (default 162M parameters, 649 MB in fp32) as an llmshearing model
+dir in bf16 (as released checkpoints are; training upcasts to fp32 on load), then starts 2 real
+processes (torch.multiprocessing, gloo on CPU) that run what `train.py` runs, stage by stage:
 
-Under FSDP on GPUs the ranks > 0 stay on the meta device until FSDP materialises each unit on
-the GPU (sync_module_states), so their host memory ends at the "build" figure; under DDP (CPU,
-or GPU without FSDP) every rank holds a full replica by design, which the "ddp" figure shows.
+    build   `init_distributed`, `train.build_model` (rank 0 reads the weights, the others build on the
+            meta device; `every_rank_loads`: every rank reads them, the behaviour before)
+    wrap    DDP (`DistributedDataParallel`: every rank a full replica, rank 0's weights broadcast) or
+            FSDP2 (`train.shard_model`: each rank keeps its shard of rank 0's weights)
+    step    one forward/backward on 1 x 128 tokens and a DecoupledAdamW step (the Adam moments exist)
+
+Per rank and stage: the peak RSS above the rank's baseline after imports (VmHWM, which counts
+memory-mapped file pages that were read), the RSS at the end of the stage (VmRSS: what the rank keeps),
+and the exact bytes of the parameters and optimizer state the rank holds (a DTensor counts its shard).
 """
 
 from __future__ import annotations
@@ -35,28 +37,51 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _hwm() -> int:
-    """Peak resident set of this process in bytes (VmHWM; unlike ru_maxrss it is not inherited)."""
+def _status(key: str) -> int:
+    """VmHWM (peak resident set; unlike ru_maxrss not inherited) or VmRSS of this process, in bytes."""
     with open("/proc/self/status") as f:
-        return int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) * 1024
+        return int(next(ln for ln in f if ln.startswith(key + ":")).split()[1]) * 1024
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, every_rank_loads: bool, out: str) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, mode: str, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from composer.optim import DecoupledAdamW
     from torch.nn.parallel import DistributedDataParallel
 
-    from llmshearing.config import ModelSection, TrainConfig
-    from llmshearing.train import build_model, init_distributed
+    from llmshearing.config import FSDPSection, ModelSection, TrainConfig
+    from llmshearing.sharding import local_bytes
+    from llmshearing.train import build_model, init_distributed, shard_model
 
-    base = _hwm()
+    base = _status("VmHWM")
+    rec: dict = {"baseline": base}
+
+    def stage(name: str, model=None, opt=None) -> None:
+        rec[name] = {"peak": _status("VmHWM") - base, "rss": _status("VmRSS") - base}
+        if model is not None:
+            rec[name]["param_bytes"] = local_bytes(model.parameters())
+        if opt is not None:
+            rec[name]["optimizer_bytes"] = local_bytes(v for s in opt.state.values() for v in s.values())
+
     world_size, r = init_distributed("cpu", 600)
-    cfg = TrainConfig(run_name="mem", model=ModelSection(path=model_dir), max_duration="1ba")
-    model = build_model(cfg, rank=0 if every_rank_loads else r, world_size=world_size, sharded=False)
-    built = _hwm()
-    DistributedDataParallel(model)
-    ddp = _hwm()
-    Path(out, f"rank{r}.json").write_text(json.dumps({"baseline": base, "build": built - base, "ddp": ddp - base}))
+    fsdp = mode == "fsdp2"
+    cfg = TrainConfig(run_name="mem", model=ModelSection(path=model_dir), max_duration="1ba",
+                      fsdp=FSDPSection(activation_checkpointing=False) if fsdp else None)
+    model = build_model(cfg, rank=0 if mode == "every_rank_loads" else r, world_size=world_size, sharded=fsdp)
+    stage("build")
+    if fsdp:
+        shard_model(cfg, model, "cpu", "fp32", r)
+        run = model
+    else:
+        run = DistributedDataParallel(model)
+    stage("wrap", model)
+    opt = DecoupledAdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.shape.vocab_size, (1, 128), generator=torch.Generator().manual_seed(r))
+    logits = run({"input_ids": ids})["logits"]
+    logits.float().logsumexp(-1).mean().backward()
+    opt.step()
+    stage("step", model, opt)
+    Path(out, f"rank{r}.json").write_text(json.dumps(rec))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -70,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--file-dtype", choices=("bf16", "fp32"), default="bf16",
                     help="dtype of the weights on disk (released checkpoints are bf16; training upcasts to fp32)")
+    ap.add_argument("--modes", default="every_rank_loads,ddp,fsdp2")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args(argv)
 
@@ -85,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                     "model": {**shape.to_dict(), "n_params": shape.n_params(), "fp32_bytes": fp32},
                     "host": {"python": platform.python_version(), "torch": torch.__version__,
                              "cpus": os.cpu_count()},
-                    "units": "bytes of peak RSS above the rank's baseline after imports"}
+                    "units": "bytes above the rank's RSS after imports: 'peak' (VmHWM) and 'rss' (VmRSS) at the end "
+                             "of each stage; param_bytes / optimizer_bytes: what the rank holds (its shard under "
+                             "FSDP2); x_fp32 = / the model's fp32 bytes"}
     with tempfile.TemporaryDirectory(prefix="rank_memory_") as tmp:
         m = LlamaForCausalLM(ModelConfig(shape=shape))
         if a.file_dtype == "bf16":
@@ -93,15 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         save_model_dir(m.state_dict(), m.config, Path(tmp) / "model")
         result["model"]["file_dtype"] = a.file_dtype
         del m
-        for mode, every in (("rank0_loads", False), ("every_rank_loads", True)):
+        for i, mode in enumerate(a.modes.split(",")):
             out = Path(tmp) / mode
             out.mkdir()
-            port = 20000 + (os.getpid() + (7 if every else 0)) % 20000
-            mp.start_processes(_rank, args=(2, port, str(Path(tmp) / "model"), every, str(out)), nprocs=2,
+            port = 20000 + (os.getpid() + 7 * i) % 20000
+            mp.start_processes(_rank, args=(2, port, str(Path(tmp) / "model"), mode, str(out)), nprocs=2,
                                start_method="spawn", join=True)
             ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-            result[mode] = {f"rank{r}": {**x, "build_x_fp32": round(x["build"] / fp32, 3),
-                                         "ddp_x_fp32": round(x["ddp"] / fp32, 3)} for r, x in enumerate(ranks)}
+            for x in ranks:
+                for st in ("build", "wrap", "step"):
+                    x[st]["x_fp32"] = {k: round(v / fp32, 3) for k, v in x[st].items() if k != "x_fp32"}
+            result[mode] = {f"rank{r}": x for r, x in enumerate(ranks)}
     emit_json(result, a.out)
     return 0
 

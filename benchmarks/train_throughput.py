@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (ours and HF)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="non-reentrant activation checkpointing of every decoder layer (as the FSDP yamls)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard every model with FSDP2 on a 1-rank mesh, as train.py runs (fsdp: section): layer "
+                        "units in the bf16 policy, the L0 unit in fp32; the HF baseline sharded the same way")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {CASES}")
     p.add_argument("--models", default="370m,1.3b", help="target shapes for cpt/hf (370m, 1.3b)")
     p.add_argument("--seq-lens", default=None, help="comma list (default 4096,2048; tiny 64,32)")
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "hostname": platform.node(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tiny": tiny, "quick": args.quick, "compile": args.compile,
-            "activation_checkpointing": args.activation_checkpointing,
+            "activation_checkpointing": args.activation_checkpointing, "fsdp2": args.fsdp,
             "precision": args.precision, "optimizer": args.optimizer, "grad_clip": args.grad_clip,
             "hf_attention_mask": args.hf_attention_mask,
             "seq_lens": seq_lens, "micro_batch_candidates": candidates, "cases": cases, "models": models,

@@ -1,30 +1,25 @@
-"""The one Composer-checkpoint reader (`convert/checkpoint.py`): full files and FSDP-sharded folders give
-the same model; `prune-export` never pages in the optimizer state; bad files fail in one line.
+"""The one Composer-checkpoint reader (`convert/checkpoint.py`) on full checkpoint files: it returns the
+saved model; `prune-export` never pages in the optimizer state; bad files fail in one line.
 
-The sharded folder is written the way Composer 0.32.1 writes `state_dict_type: sharded` checkpoints
-(`utils/checkpoint.py::_save_checkpoint`: `dist_cp.save({'state': State.state_dict(), 'rng': ...},
-FileSystemWriter(folder), DefaultSavePlanner(dedup_save_to_lowest_rank=True))`), by two real gloo
-processes whose model and optimizer tensors are DTensors sharded on dim 0, as FSDP's sharded state
-dict gives them. (Composer's FSDP itself needs CUDA, so this is the CPU stand-in for it.)
+Sharded (FSDP2) checkpoint folders are tested on folders Composer itself wrote in 2-rank runs
+(tests/test_multiprocess.py: the reader against torch's own DCP converter, prune-export of a sharded
+checkpoint == of the full one, bit for bit).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from llmshearing.callbacks.model_info import ModelInfo
 from llmshearing.convert.checkpoint import read_composer_checkpoint
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
-from llmshearing.pruning.export import export_pruned
 from llmshearing.pruning.l0 import L0Module
 from llmshearing.shape import ModelShape
 
@@ -52,66 +47,22 @@ def _pruning_state(src: ModelShape = SRC, tgt: ModelShape = TGT, seed: int = 0) 
             "dataset_state": {"train": {"proportion_history": [[0, [0.5, 0.5]], [4, [0.6, 0.4]]]}, "eval": {}}}
 
 
-def _save_sharded(rank: int, world: int, folder: str, port: int) -> None:
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultSavePlanner
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
-    state = _pruning_state()
-
-    def shard(t):
-        return distribute_tensor(t, mesh, [Shard(0)]) if t.dim() > 0 else t
-
-    state["model"] = {k: shard(v) for k, v in state["model"].items()}
-    opt = state["optimizers"]["DecoupledAdamW"]["state"]
-    for k in opt:
-        opt[k] = {n: shard(v) for n, v in opt[k].items()}
-    dcp.save({"state": state, "rng": [{"torch": torch.get_rng_state()}]},
-             storage_writer=dcp.FileSystemWriter(folder), planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("ckpts")
     full = tmp / "latest-rank0.pt"
     torch.save({"state": _pruning_state(), "rng": [{}]}, full)
-    sharded = tmp / "ep0-ba8"
-    mp.start_processes(_save_sharded, args=(2, str(sharded), 29000 + os.getpid() % 1000), nprocs=2,
-                       start_method="spawn", join=True)
-    return {"full": full, "sharded": sharded, "state": _pruning_state()}
+    return {"full": full, "state": _pruning_state()}
 
 
-def test_sharded_checkpoint_is_written_by_both_ranks(checkpoints):
-    files = sorted(p.name for p in checkpoints["sharded"].iterdir())
-    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-
-
-@pytest.mark.parametrize("kind", ["full", "sharded"])
-def test_reader_returns_the_saved_model_and_loader_state(checkpoints, kind):
-    ck = read_composer_checkpoint(checkpoints[kind])
+def test_reader_returns_the_saved_model_and_loader_state(checkpoints):
+    ck = read_composer_checkpoint(checkpoints["full"])
     want = checkpoints["state"]["model"]
     assert ck.model_state.keys() == want.keys()
     for k, v in want.items():
         assert torch.equal(ck.model_state[k], v), k  # bit for bit
     assert ck.model_config.shape == SRC and ck.pruning["target"] == TGT.to_dict()
     assert ck.dataset_state["proportion_history"] == [[0, [0.5, 0.5]], [4, [0.6, 0.4]]]
-
-
-def test_prune_export_of_sharded_equals_full(checkpoints, tmp_path):
-    a = export_pruned(checkpoints["full"], tmp_path / "a")
-    b = export_pruned(checkpoints["sharded"], tmp_path / "b")
-    assert a["shape"] == b["shape"] == TGT.replace(tie_embeddings=False).to_dict() | {"tie_embeddings": a["shape"]["tie_embeddings"]}
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ------------------------------------------------------------------------------------------- memory

@@ -34,13 +34,14 @@ def env(tmp_path_factory) -> dict:
     return {"tmp": tmp, "data": data, "model": model}
 
 
-def _train(yaml: Path, overrides: list[str], env_extra: dict | None = None, driver: Path | None = None):
-    """`composer -n 1 tests/_mp_driver.py` (train.py's main + fault injection), or plain train.py."""
+def _train(yaml: Path, overrides: list[str], env_extra: dict | None = None, driver: Path | None = None,
+           nproc: int = 1):
+    """`composer -n NPROC tests/_mp_driver.py` (train.py's main + fault injection), or plain train.py."""
     e = driver_env(env_extra)
     if driver is None:
         cmd = [sys.executable, "train.py", str(yaml), *overrides]
     else:
-        cmd = [str(COMPOSER), "-n", "1", "tests/_mp_driver.py", str(driver), str(yaml), *overrides]
+        cmd = [str(COMPOSER), "-n", str(nproc), "tests/_mp_driver.py", str(driver), str(yaml), *overrides]
     return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
@@ -171,6 +172,21 @@ def test_half_written_file_is_never_taken_for_the_latest(tmp_path):
     assert repair_latest_link(tmp_path).name == "ep0-ba8-rank0.pt"
 
 
+def test_half_written_sharded_checkpoint_is_never_taken_for_the_latest(tmp_path):
+    """The same for sharded (FSDP) checkpoints, one folder per save: torch.distributed.checkpoint writes
+    the folder's .metadata after every rank's shard file, so a folder without it is a save that died."""
+    for ba, done in ((4, True), (8, True), (12, False)):
+        d = tmp_path / f"ep0-ba{ba}"
+        d.mkdir()
+        (d / "__0_0.distcp").write_bytes(b"x")
+        if done:
+            (d / ".metadata").write_bytes(b"m")
+    assert repair_latest_link(tmp_path).name == "ep0-ba8"
+    assert os.readlink(tmp_path / "latest-rank0.pt") == "ep0-ba8"
+    assert (tmp_path / "ep0-ba12.incomplete").is_dir() and not (tmp_path / "ep0-ba12").exists()
+    assert repair_latest_link(tmp_path).name == "ep0-ba8"  # a complete link is left alone
+
+
 def test_disk_full_while_saving_stops_cleanly_and_resumes(env, uninterrupted):
     folder = env["tmp"] / "enospc"
     p = _train(CPT, _cpt(env, "enospc"), {"DRIVER_ENOSPC_AT": "8"}, driver=env["tmp"] / "rec_e")
@@ -187,18 +203,29 @@ def test_disk_full_while_saving_stops_cleanly_and_resumes(env, uninterrupted):
 
 
 # ------------------------------------------------------------------------------------------ losses
-def test_nan_training_loss_stops_with_the_step_and_the_mask_state(env):
-    folder = env["tmp"] / "nan"
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
+def test_nan_training_loss_stops_with_the_step_and_the_mask_state(env, ranks):
+    """1 rank, and 2 FSDP2 ranks (sharded mask logits and multipliers: the dump gathers them, a
+    collective both ranks enter at the same batch since they stop on the all-reduced loss)."""
+    folder = env["tmp"] / f"nan{ranks}"
+    extra = [] if ranks == 1 else ["fsdp.state_dict_type=sharded", "device_train_microbatch_size=8"]
     p = _train(PRUNE, [f"data.root={env['data']}", "max_duration=8ba", "save_interval=4ba", "eval_interval=4ba",
-                       "loggers.file=false", f"save_folder={folder}"], {"DRIVER_NAN_AT": "6"}, driver=env["tmp"] / "rec_n")
-    assert p.returncode == 1
+                       "loggers.file=false", f"save_folder={folder}", *extra], {"DRIVER_NAN_AT": "6"},
+               driver=env["tmp"] / f"rec_n{ranks}", nproc=ranks)
+    assert p.returncode == 1 if ranks == 1 else p.returncode != 0  # (the launcher's own code for a failed rank)
     last = _stop_line(p)
     assert last.startswith("training stopped: training loss is not finite at batch 7"), last
     assert "Traceback" not in p.stderr
     saved = folder / "masks" / "l0_state_nonfinite_ba7.pt"
     assert saved.is_file() and str(saved) in last
-    assert any(k.startswith("log_alpha") for k in torch.load(saved, weights_only=False)["l0_state"])
-    assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba4-rank0.pt"  # the checkpoint before stays
+    l0_state = torch.load(saved, weights_only=False)["l0_state"]
+    assert any(k.startswith("log_alpha") for k in l0_state)
+    for k, v in l0_state.items():  # whole tensors (not one rank's shard), plain (not DTensors)
+        assert type(v) is torch.Tensor, (k, type(v))
+    shapes = {k: tuple(v.shape) for k, v in l0_state.items()}
+    assert shapes["log_alpha_hidden"] == (128,) and shapes["log_alpha_layer"] == (4,), shapes
+    latest = "ep0-ba4-rank0.pt" if ranks == 1 else "ep0-ba4"
+    assert os.readlink(folder / "latest-rank0.pt") == latest  # the checkpoint before stays
 
 
 def test_nan_eval_loss_leaves_the_domain_weights_unchanged(caplog):

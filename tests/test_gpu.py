@@ -1,5 +1,6 @@
 """GPU tests (skipped without CUDA; see conftest.py): tiny pruning and continued pre-training runs through
-train.py with FSDP FULL_SHARD + activation checkpointing + amp_bf16, checkpoint save and autoresume after
+train.py with FSDP2 (the path CI runs on CPU with gloo, here nccl) + activation checkpointing + amp_bf16
+(layers gathered in bf16, the L0 unit in fp32), checkpoint save and autoresume after
 an interruption, the masked model vs its cut dense model in bf16, the SDPA routing of our attention, and
 the benchmark's CUDA code path.
 
@@ -55,7 +56,10 @@ def _child(argv: list[str]) -> int:
     snap: dict = {"interrupted": False}
 
     def weights(state) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().clone() for k, v in state.model.state_dict().items()}
+        from torch.distributed.tensor import DTensor  # FSDP2 parameters
+
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().cpu().clone()
+                for k, v in state.model.state_dict().items()}
 
     class Interrupt(Exception):
         pass
@@ -188,10 +192,11 @@ def test_composer_launcher_prunes_on_gpu_with_fsdp(data_root, tmp_path):
         composer = Path(found)
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
     cmd = [str(composer), "-n", "1", "train.py", str(PRUNE), f"data.root={data_root}", "max_duration=6ba",
-           "eval_interval=3ba", "save_interval=6ba", f"save_folder={tmp_path}/run", *GPU_OVERRIDES]
+           "eval_interval=3ba", "save_interval=6ba", f"save_folder={tmp_path}/run", *GPU_OVERRIDES,
+           "fsdp.state_dict_type=sharded"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    assert (tmp_path / "run" / "latest-rank0.pt").exists()
+    assert (tmp_path / "run" / "latest-rank0.pt" / ".metadata").exists()  # a sharded checkpoint folder
     masks = sorted((tmp_path / "run" / "masks").glob("*.pt"))
     assert masks, "deterministic masks are saved at each evaluation"
     m = torch.load(masks[-1], weights_only=False)

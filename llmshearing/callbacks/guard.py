@@ -38,13 +38,15 @@ class LossGuard(Callback):
         except ValueError:
             pass
         else:
-            with full_l0_params(state.model) as l0:
-                l0_state = {k: v.detach().cpu().clone() for k, v in l0.state_dict().items()}
+            with full_l0_params(state.model) as l0:  # whole tensors (FSDP2's state_dict would give shards)
+                l0_state = {k: v.detach().cpu().clone() for k, v in l0.named_parameters()}
+            path = self.save_folder / "masks" / f"l0_state_nonfinite_ba{step}.pt"
             if dist.get_global_rank() == 0:
-                path = self.save_folder / "masks" / f"l0_state_nonfinite_ba{step}.pt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"step": step, "l0_state": l0_state, "losses": losses}, path)
-                saved = f"; the mask logits and multipliers after that step are in {path}"
+            # every rank stops at this batch: none may exit (and have the launcher kill rank 0) before the file exists
+            dist.barrier()
+            saved = f"; the mask logits and multipliers after that step are in {path}"
         raise NonFiniteLossError(f"training loss is not finite at batch {step}: "
                                  + ", ".join(f"{k}={v}" for k, v in bad.items())
                                  + f"{saved}; checkpoints up to the last save_interval are intact (lower optimizer.lr "
