@@ -107,14 +107,14 @@ def shard_hf(model: torch.nn.Module, mesh, policy) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def compile_layers(layers: torch.nn.ModuleList) -> None:
+def compile_layers(layers: torch.nn.ModuleList, backend: str = "inductor") -> None:
     import torch._dynamo.config as dcfg
 
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(dcfg, name):
             setattr(dcfg, name, max(64, getattr(dcfg, name)))
     for layer in layers:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, backend=backend)
 
 
 def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: int, dev: Device,
@@ -140,7 +140,7 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
         if args.activation_checkpointing:
             apply_activation_checkpointing(model, layer_cls)
         if args.compile:
-            compile_layers(model.model.layers)
+            compile_layers(model.model.layers, args.compile_backend)
         if args.fsdp:
             from llmshearing import sharding
 
@@ -158,6 +158,17 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
 
         holders: list[Any] = [model]
     else:
+        if kind == "cpt_liger":
+            try:  # liger-kernel: `pip download --no-deps liger-kernel -d .device-wheels` before a device session
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            except ImportError as e:
+                raise RuntimeError(f"liger-kernel is not installed ({e})") from e
+            liger_ce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+            extra["loss"] = "liger fused linear cross-entropy"
+        elif kind == "cpt_full_logits":
+            extra["loss"] = "full [B, S, V] logits, fp32 cross-entropy (before the chunked LM head)"
+        else:
+            extra["loss"] = f"chunked LM head + loss, {args.loss_chunk_tokens} tokens per chunk"
         with dev.torch:
             mcfg = ModelConfig(shape=shape, max_position_embeddings=max(seq, 4096))
             model = LlamaForCausalLM(mcfg)
@@ -170,12 +181,15 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
                            if any(getattr(shape, d) != getattr(target, d) for d in dims)]
                 l0 = L0Module(shape, target, modules=modules, lagrangian_warmup_steps=100)
                 extra["pruning"] = {"target": target.to_dict(), "modules": modules, "mask_types": l0.mask_types}
-            cm = ComposerLlama(model=model, l0=l0)
+            cm = ComposerLlama(model=model, l0=l0, loss_chunk_tokens=args.loss_chunk_tokens)
         cm.train()
         if args.activation_checkpointing:  # what train.py does (inside each layer; names unchanged)
             cm.model.set_activation_checkpointing(True)
-        if args.compile:
-            compile_layers(model.model.layers)
+        if args.compile:  # what train.py does with compile: true
+            import torch._dynamo.config as dcfg
+
+            dcfg.cache_size_limit = max(64, dcfg.cache_size_limit)
+            cm.model.compile_layers(args.compile_backend)
         if args.fsdp:  # the units and policies of train.shard_model
             from llmshearing import sharding
 
@@ -195,6 +209,17 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
         opt, opt_name = make_optimizer(groups, args)
 
         def forward_loss(ids: torch.Tensor) -> torch.Tensor:
+            if kind == "cpt_full_logits":  # the loss before the chunked LM head: [B, S, V] logits, fp32 CE
+                from llmshearing.models.losses import shift_targets
+
+                logits = cm.model(ids)
+                return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                         shift_targets(ids).reshape(-1), ignore_index=-100)
+            if kind == "cpt_liger":  # Liger's fused linear cross-entropy on our hidden states (a GPU kernel)
+                from llmshearing.models.losses import shift_targets
+
+                h = cm.model(ids, output="hidden")
+                return liger_ce(cm.model.lm_head.weight, h.reshape(-1, h.size(-1)), shift_targets(ids).reshape(-1))
             batch = {"input_ids": ids}
             out = cm(batch)
             loss = cm.loss(out, batch)["total"]

@@ -56,7 +56,7 @@ BF16_SPEC_TFLOPS: list[tuple[tuple[str, ...], float, str]] = [
     (("L4",), 121.0, "L4 dense bf16"),
 ]
 
-CASES = ("cpt", "hf", "prune", "unmasked")
+CASES = ("cpt", "hf", "prune", "unmasked", "cpt_full_logits", "cpt_liger")
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
 
@@ -85,23 +85,22 @@ def composer_llama() -> tuple[type, str]:
 
 
 class _StandInComposerLlama(torch.nn.Module):
-    """What ComposerLlama does in a training step (forward with the L0 masks, next-token CE in fp32),
-    without Composer. Used only when `composer` cannot be imported."""
+    """What ComposerLlama does in a training step (forward with the L0 masks, the chunked next-token CE in
+    fp32), without Composer. Used only when `composer` cannot be imported."""
 
     def __init__(self, model: torch.nn.Module, l0: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.model, self.l0 = model, l0
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from llmshearing.models.losses import shift_targets
+
         masks, lag = self.l0() if self.l0 is not None else (None, None)
-        return {"logits": self.model(batch["input_ids"], masks), "lagrangian": lag}
+        sums = self.model(batch["input_ids"], masks, targets=shift_targets(batch["input_ids"]))
+        return {"ce_sum": sums.ce_sum, "n_tokens": sums.n_tokens, "lagrangian": lag}
 
     def loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids, logits = batch["input_ids"], outputs["logits"]
-        targets = torch.full_like(ids, -100)
-        targets[:, :-1] = ids[:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                               ignore_index=-100)
+        ce = outputs["ce_sum"] / outputs["n_tokens"]
         return {"ce_loss": ce, "total": ce}
 
     def flops_per_batch(self, batch: dict[str, Any]) -> int:  # = ComposerLlama.flops_per_batch

@@ -9,7 +9,7 @@
 #
 # On a machine without CUDA the same script is a dry run: the gpu tests skip, the throughput benchmark
 # runs its tiny shapes; `GPU_CHECK_NO_INSTALL=1` skips the wheel install (use the current venv).
-# Budgets (seconds) can be overridden: T_TESTS, T_THROUGHPUT, T_DATA.
+# Budgets (seconds) can be overridden: T_TESTS, T_THROUGHPUT, T_COMPILED, T_DATA (estimates: no device has run it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_check_out}/gpu_check"
@@ -36,19 +36,27 @@ run() {  # run NAME SECONDS CMD...: time-limited, output to $out/NAME.log, rc to
 
 # 1. GPU tests: FSDP2 (the path CI runs on CPU/gloo) + bf16 + activation checkpointing + save/autoresume (prune and CPT),
 #    masked == cut in bf16, the attention path takes the flash kernel.
-run tests "${T_TESTS:-210}" $py -m pytest -q -rs -m gpu tests/test_gpu.py --junitxml="$out/tests.xml"
+run tests "${T_TESTS:-170}" $py -m pytest -q -rs -m gpu tests/test_gpu.py --junitxml="$out/tests.xml"
 
 # 2. Throughput at seq 4096: CPT of the 1.3B shape vs HF LlamaForCausalLM (same micro-batch, bf16), pruning
 #    step of the 1.3B source vs its unmasked step; every model sharded with FSDP2 as train.py shards it
-#    (`--fsdp`: layer units gathered in bf16, the L0 unit in fp32, our DTensor-aware clipping). The JSON is
-#    rewritten after every case, so a timeout keeps the finished ones.
+#    (`--fsdp`: layer units gathered in bf16, the L0 unit in fp32, our DTensor-aware clipping). The loss
+#    levers beside the chunked LM head (train.py's): the full-logits loss it replaced (`cpt_full_logits`:
+#    peak memory and tokens/s before vs after) and Liger's fused linear cross-entropy (`cpt_liger`; needs
+#    `pip download --no-deps liger-kernel -d .device-wheels` before the session, else it reports "not
+#    installed"). The JSON is rewritten after every case, so a timeout keeps the finished ones.
 shape=(--seq-lens 4096 --micro-batches 1,2,4,6,8,12,16)  # without CUDA: the benchmark's tiny defaults
-$py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || shape=()
-run throughput "${T_THROUGHPUT:-210}" $py benchmarks/train_throughput.py --quick --fsdp "${shape[@]}" \
-  --models 1.3b --cases cpt,hf,prune,unmasked --out "$out/throughput.json"
+backend=inductor
+$py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { shape=(); backend=aot_eager; }
+run throughput "${T_THROUGHPUT:-180}" $py benchmarks/train_throughput.py --quick --fsdp "${shape[@]}" \
+  --models 1.3b --cases cpt,hf,prune,unmasked,cpt_full_logits,cpt_liger --out "$out/throughput.json"
+
+# 2b. The same CPT and pruning steps with every decoder layer compiled (train.py's `compile: true`).
+run compiled "${T_COMPILED:-100}" $py benchmarks/train_throughput.py --quick --fsdp --compile \
+  --compile-backend "$backend" "${shape[@]}" --models 1.3b --cases cpt,prune --out "$out/compiled.json"
 
 # 3. The loader alone (CPU work on the GPU machine's cores), with and without mixture changes.
-run data "${T_DATA:-60}" sh -c "$py benchmarks/data_throughput.py --seq-len 4096 --prep-mb 4 --loader-seconds 4 --workers 0 8 \
+run data "${T_DATA:-40}" sh -c "$py benchmarks/data_throughput.py --seq-len 4096 --prep-mb 4 --loader-seconds 4 --workers 0 8 \
   --update-every 0 10 > '$out/data.json'"
 
 # Summary: the last lines of the reply.
@@ -56,7 +64,7 @@ $py - "$out" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 summary = {"env": (out / "env.txt").read_text().strip().splitlines()}
-for part in ("tests", "throughput", "data"):
+for part in ("tests", "throughput", "compiled", "data"):
     rc = (out / f"{part}.rc").read_text().split() if (out / f"{part}.rc").exists() else ["missing", "0"]
     summary[part] = {"rc": rc[0], "seconds": int(rc[1])}
 log = (out / "tests.log").read_text() if (out / "tests.log").exists() else ""
@@ -71,6 +79,13 @@ try:
     summary["throughput"]["comparisons"] = tp.get("comparisons")
 except (OSError, ValueError) as e:
     summary["throughput"]["json_error"] = str(e)
+try:
+    cp = json.loads((out / "compiled.json").read_text())
+    summary["compiled"]["results"] = [
+        {k: r.get(k) for k in ("case", "model", "seq_len", "micro_batch", "tokens_per_s", "step_time_s",
+                               "peak_mem_gib", "mfu_spec", "error")} for r in cp.get("results", [])]
+except (OSError, ValueError) as e:
+    summary["compiled"]["json_error"] = str(e)
 try:
     summary["data"]["json"] = json.loads((out / "data.json").read_text())
 except (OSError, ValueError) as e:

@@ -12,6 +12,8 @@ One process, one device. For each sequence length it measures, at the largest mi
             `pruning_param_groups`, log_alpha clamped after the step), source 1.3B -> target 370M
   unmasked  our plain model of the pruning source shape at the pruning step's micro-batch, so that
             the ratio pruning / unmasked step time is reported
+  cpt_full_logits  cpt with the loss as it was before the chunked LM head ([B, S, V] logits, fp32 CE)
+  cpt_liger        cpt with Liger's fused linear cross-entropy (GPU; needs the liger-kernel package)
 
 One step = zero_grad, forward + loss under autocast, backward, grad-norm clip (1.0, as train.py), optimizer
 step. Step time is the median over the timed steps after warm-up; on CUDA each step is bracketed by
@@ -63,12 +65,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (automatic on CPU)")
     p.add_argument("--quick", action="store_true", help="fewer warm-up/timed steps and one matmul size")
     p.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (ours and HF)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no C compiler)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="non-reentrant activation checkpointing of every decoder layer (as the FSDP yamls)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard every model with FSDP2 on a 1-rank mesh, as train.py runs (fsdp: section): layer "
                         "units in the bf16 policy, the L0 unit in fp32; the HF baseline sharded the same way")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {CASES}")
+    p.add_argument("--cases", default="cpt,hf,prune,unmasked", help=f"comma list of {CASES}")
+    p.add_argument("--loss-chunk-tokens", type=int, default=1024,
+                   help="tokens per chunk of the LM head + loss (train.py's loss_chunk_tokens)")
     p.add_argument("--models", default="370m,1.3b", help="target shapes for cpt/hf (370m, 1.3b)")
     p.add_argument("--seq-lens", default=None, help="comma list (default 4096,2048; tiny 64,32)")
     p.add_argument("--micro-batches", default=None,
@@ -163,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "hostname": platform.node(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tiny": tiny, "quick": args.quick, "compile": args.compile,
+            "tiny": tiny, "quick": args.quick, "compile": args.compile and args.compile_backend,
             "activation_checkpointing": args.activation_checkpointing, "fsdp2": args.fsdp,
+            "loss_chunk_tokens": args.loss_chunk_tokens,
             "precision": args.precision, "optimizer": args.optimizer, "grad_clip": args.grad_clip,
             "hf_attention_mask": args.hf_attention_mask,
             "seq_lens": seq_lens, "micro_batch_candidates": candidates, "cases": cases, "models": models,
@@ -231,6 +237,18 @@ def main(argv: list[str] | None = None) -> int:
                         "peak_mem_ratio_ours_over_hf": (r_cpt["peak_mem_gib"] / r_hf["peak_mem_gib"]
                                                         if r_cpt.get("peak_mem_gib") and r_hf.get("peak_mem_gib") else None),
                     })
+        for variant in ("cpt_full_logits", "cpt_liger"):  # the loss alternatives, at cpt's micro-batch and above
+            for name in models:
+                if variant not in cases:
+                    continue
+                r_v = add(run_case(variant, name, seq, candidates, "largest", dev, shapes, args))
+                base = cpt_by_model.get(name)
+                if ok(r_v) and ok(base):
+                    report["comparisons"].append({
+                        "what": f"chunked_vs_{variant.removeprefix('cpt_')}", "model": name, "seq_len": seq,
+                        "micro_batch_chunked": base["micro_batch"], f"micro_batch_{variant}": r_v["micro_batch"],
+                        "tokens_per_s_ratio_chunked_over_variant": base["tokens_per_s"] / r_v["tokens_per_s"],
+                        "peak_mem_gib_chunked": base.get("peak_mem_gib"), "peak_mem_gib_variant": r_v.get("peak_mem_gib")})
         r_pr = None
         if "prune" in cases:
             r_pr = add(run_case("prune", PRUNE_SOURCE, seq, candidates, "largest", dev, shapes, args))

@@ -21,8 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 from llmshearing.convert.checkpoint import DOMAIN_WEIGHTS_NAME, CheckpointError, load_domain_weights, read_handover
 from llmshearing.convert.model_source import source_config
 from llmshearing.data.manifest import load_manifest
-from llmshearing.distill import Divergence
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, Divergence
 from llmshearing.shape import ModelShape, ShapeError
 
 
@@ -125,7 +125,7 @@ class DynamicLoadingSection:
 
 @dataclass
 class DistillSection:
-    """Distillation from a frozen teacher (`llmshearing.distill`), for pruning and continued pre-training."""
+    """Distillation from a frozen teacher (`callbacks.distillation`), for pruning and continued pre-training."""
     teacher: Optional[str] = None  # model dir or HF dir; default: the pruning run's source (see resolve_teacher)
     alpha: float = 0.5  # weight of the distillation term; 1.0 = logits only
     temperature: float = 1.0
@@ -190,6 +190,10 @@ class TrainConfig:
     device: Device = Device.auto
     dist_timeout: float = 1800.0  # seconds a collective may wait (rank 0 loading a 7B source, slow saves)
     fsdp: Optional[FSDPSection] = field(default_factory=FSDPSection)
+    # tokens per chunk of the LM head + loss (models/losses.py): bounds the logits held at once
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    compile: bool = False  # torch.compile each decoder layer (models/llama.py: compile_layers)
+    compile_backend: str = "inductor"  # torch.compile backend ('aot_eager' needs no C compiler)
     grad_clip_norm: Optional[float] = 1.0
     loggers: LoggersSection = field(default_factory=LoggersSection)
 

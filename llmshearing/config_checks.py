@@ -45,10 +45,21 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_paths: bool = True) ->
     time_in_batches(cfg.scheduler.warmup, "scheduler.warmup", max_ba)
     if cfg.optimizer.lr <= 0:
         raise ConfigError("config key 'optimizer.lr': must be > 0")
+    if cfg.loss_chunk_tokens < 1:
+        raise ConfigError(f"config key 'loss_chunk_tokens': must be >= 1 token, got {cfg.loss_chunk_tokens}")
+    if cfg.compile and cfg.compile_backend not in _compile_backends():
+        raise ConfigError(f"config key 'compile_backend': {cfg.compile_backend!r} is not a torch.compile backend "
+                          f"(available: {', '.join(_compile_backends())})")
     if cfg.pruning is not None:
         _check_pruning(cfg, max_ba, model_cfg)
     if cfg.distill is not None:
         _check_distill(cfg, check_paths, model_cfg)
+
+
+def _compile_backends() -> list[str]:
+    import torch._dynamo  # only when compile is asked for (dynamo is slow to import)
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))
 
 
 def _check_model(cfg: TrainConfig, check_paths: bool) -> ModelConfig | None:

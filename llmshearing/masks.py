@@ -65,6 +65,14 @@ class StructureMasks:
         return _mul(self.layer[i] if self.layer is not None else None,
                     self.mlp_layer[i] if self.mlp_layer is not None else None)
 
+    def for_layer(self, i: int) -> "LayerMasks":
+        """Layer i's slice: tensors of the same shapes for every layer, so that one compiled graph serves
+        all decoder layers (an integer layer index in the layer's forward would specialise it per layer)."""
+        return LayerMasks(attn_gate=self.attn_gate(i), mlp_gate=self.mlp_gate(i),
+                          heads=self.heads[i] if self.heads is not None else None,
+                          intermediate=self.intermediate[i] if self.intermediate is not None else None,
+                          hidden=self.hidden)
+
     def validate(self, n_layers: int, n_heads: int, intermediate_size: int, d_model: int) -> None:
         want = {
             "layer": (n_layers,), "attn_layer": (n_layers,), "mlp_layer": (n_layers,),
@@ -84,6 +92,17 @@ class StructureMasks:
         if unknown:
             raise ValueError(f"unknown mask names {sorted(unknown)}; valid: {sorted(names)}")
         return cls(**d)
+
+
+@dataclass
+class LayerMasks:
+    """What one decoder layer applies: scalar gates of its two blocks, [H] heads, [F] channels, [D] hidden."""
+
+    attn_gate: torch.Tensor | None = None
+    mlp_gate: torch.Tensor | None = None
+    heads: torch.Tensor | None = None
+    intermediate: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 def _mul(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -28,7 +28,7 @@ import yaml
 from llmshearing.convert.checkpoint import is_model_dir, load_model
 from llmshearing.data.dynamic import build_eval_dataloader
 from llmshearing.data.manifest import load_manifest
-from llmshearing.models.composer_model import next_token_loss_sum
+from llmshearing.models.losses import next_token_loss_sum
 
 log = logging.getLogger(__name__)
 

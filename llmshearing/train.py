@@ -102,7 +102,7 @@ def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: b
             eval_target_model=cfg.pruning.eval_target_model,
             seed=cfg.seed,  # mask noise is keyed by (seed, step, global microbatch): resumable, any world size
         )
-    return ComposerLlama(model=model, l0=l0)
+    return ComposerLlama(model=model, l0=l0, loss_chunk_tokens=cfg.loss_chunk_tokens)
 
 
 def shard_llama_from_rank0(cfg: TrainConfig, model: LlamaForCausalLM, device: str, precision: str,
@@ -287,6 +287,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
 
     torch.manual_seed(cfg.seed)
     composer_model = build_model(cfg, rank, world_size, sharded)
+    if cfg.compile:  # per decoder layer (Composer's compile_config would compile the whole model at once)
+        composer_model.model.compile_layers(cfg.compile_backend)
     if sharded:
         shard_model(cfg, composer_model, device, precision, rank)
     optimizer = build_optimizer(cfg, composer_model)

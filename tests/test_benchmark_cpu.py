@@ -155,7 +155,24 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=900)  # hang guard; ~40 s
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads((tmp_path / "gpu_check" / "gpu_check.json").read_text())
-    assert {summary[k]["rc"] for k in ("tests", "throughput", "data")} == {"0"}, summary
-    assert {r["case"] for r in summary["throughput"]["results"]} == {"cpt", "hf", "prune", "unmasked"}
-    assert not any(r["error"] for r in summary["throughput"]["results"])
+    assert {summary[k]["rc"] for k in ("tests", "throughput", "compiled", "data")} == {"0"}, summary
+    cases = {"cpt", "hf", "prune", "unmasked", "cpt_full_logits", "cpt_liger"}
+    assert {r["case"] for r in summary["throughput"]["results"]} == cases
+    for r in summary["throughput"]["results"]:  # liger-kernel is a GPU package, not installed here
+        assert not r["error"] or (r["case"] == "cpt_liger" and "not installed" in r["error"]), r
+    assert {r["case"] for r in summary["compiled"]["results"]} == {"cpt", "prune"}
+    assert not any(r["error"] for r in summary["compiled"]["results"])
+    tp = json.loads((tmp_path / "gpu_check" / "throughput.json").read_text())
+    assert tp["meta"]["fsdp2"] is True  # the path train.py takes with an fsdp: section
     assert summary["loader_over_step"] and "skipped" in summary["tests"]["last_lines"][-1]
+
+
+def test_step_memory_benchmark_runs_and_the_chunked_loss_matches(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_memory.py"), "--tiny", "--out", str(out)],
+                       cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=900)  # a hang guard
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert {(s["task"], s["chunk_tokens"]) for s in r["summary"]} == {("lm", 64), ("distill", 64)}
+    for s in r["summary"]:  # the same loss before and after: the chunked path is the same computation
+        assert s["loss_gap"] < 1e-5, s

@@ -10,7 +10,7 @@ hand. The runs are made once per module and shared by the tests:
              command again (autoresume)
 
     distill2 / distill1 / distill_killed   continued pre-training distilled from the source, 2 / 1 ranks
-    fsdp_*   the same under FSDP2 (see FSDP_RUNS)
+    fsdp_*   the same under FSDP2 (see FSDP_RUNS; *_full: full checkpoints, no activation checkpointing)
 
 all with the same seed, global batch 16, 8 batches, an evaluation before the first step
 (`eval_first`) and every 4 batches over 7 rows per domain (odd: the rows do not divide by 2).
@@ -47,12 +47,13 @@ RUNS = {"prune2": ("prune", 2, 8), "prune1": ("prune", 1, 8), "cpt2": ("cpt", 2,
         "killed": ("prune", 2, 8), "distill2": ("cpt", 2, 8), "distill_killed": ("cpt", 2, 8),
         "distill1": ("cpt", 1, 16),
         "fsdp_prune2": ("prune", 2, 8), "fsdp_prune2_full": ("prune", 2, 8), "fsdp_prune2_killed": ("prune", 2, 8),
-        "fsdp_cpt2": ("cpt", 2, 8), "fsdp_distill2": ("cpt", 2, 8)}
+        "fsdp_cpt2": ("cpt", 2, 8), "fsdp_cpt2_full": ("cpt", 2, 8), "fsdp_distill2": ("cpt", 2, 8)}
 # FSDP2 runs: sharded checkpoints with activation checkpointing (the section's default), and full
 # checkpoints without it, so the two also compare activation checkpointing on vs off
 FSDP_RUNS = {"fsdp_prune2": ["fsdp.state_dict_type=sharded"], "fsdp_cpt2": ["fsdp.state_dict_type=sharded"],
              "fsdp_distill2": ["fsdp.state_dict_type=sharded"],
-             "fsdp_prune2_full": ["fsdp.state_dict_type=full", "fsdp.activation_checkpointing=false"]}
+             "fsdp_prune2_full": ["fsdp.state_dict_type=full", "fsdp.activation_checkpointing=false"],
+             "fsdp_cpt2_full": ["fsdp.state_dict_type=full", "fsdp.activation_checkpointing=false"]}
 
 
 class Runs:
@@ -375,21 +376,25 @@ def test_checkpoint_reader_reads_what_composer_wrote_sharded(runs):
 
 
 def test_prune_export_of_a_sharded_checkpoint_equals_the_full_one(runs, tmp_path):
-    """The same training saved sharded (fsdp_prune2) and full (fsdp_prune2_full): prune-export gives
-    bit-identical cut models, and composer-to-hf of a sharded continued-pre-training checkpoint loads in
-    transformers with the checkpoint's logits."""
+    """The same training saved sharded (fsdp_*2) and full (fsdp_*2_full): prune-export and composer-to-hf
+    give bit-identical outputs, and the HF export loads in transformers with the checkpoint's logits."""
     import transformers
     from safetensors.torch import load_file
 
     from llmshearing.convert.hf import convert_composer_to_hf
     from llmshearing.pruning.export import export_pruned
 
+    def same_weights(a: Path, b: Path) -> None:
+        wa, wb = load_file(a), load_file(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
     a = export_pruned(runs.get("fsdp_prune2")["save"] / "ep0-ba8", tmp_path / "a")
     b = export_pruned(runs.get("fsdp_prune2_full")["save"] / "latest-rank0.pt", tmp_path / "b")
     assert a["shape"] == b["shape"]
-    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    same_weights(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
     convert_composer_to_hf(runs.get("fsdp_cpt2")["save"] / "latest-rank0.pt", tmp_path / "hf")
+    convert_composer_to_hf(runs.get("fsdp_cpt2_full")["save"] / "latest-rank0.pt", tmp_path / "hf_full")
+    same_weights(tmp_path / "hf" / "model.safetensors", tmp_path / "hf_full" / "model.safetensors")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ours = load_model(runs.cpt_dir).eval()
     ours.load_state_dict({k.removeprefix("model."): v for k, v in _model_state(runs.get("fsdp_cpt2")["ckpt"]).items()})

@@ -1,4 +1,10 @@
-"""DistillationCallback: a frozen teacher's logits as extra targets (see `llmshearing.distill`).
+"""DistillationCallback: a frozen teacher's predictions as soft targets.
+
+Since Sheared-LLaMA, structured pruning recovers best when the pruned student learns from the source
+model's logits (Minitron; Llama-3.2 1B/3B) rather than from the LM loss alone. The student's loss is
+(1 - alpha) * CE + alpha * T^2 * KL per token (`models.losses`: forward or reverse KL of the tempered
+distributions). The teacher's own per-domain eval losses are the reference losses of teacher-gap mixing
+(`dynamic_loading.update: teacher_gap`): the mixture steers to the domains where the student lags most.
 
 The teacher lives in this callback, not in the trained model: it is then outside the optimizer
 (no optimizer state), outside DDP (no gradient all-reduce), and outside the checkpoints (a 7B
@@ -11,9 +17,13 @@ teacher is not saved again with every student checkpoint; it is reloaded from `d
   their shards). With teacher-gap mixing, compute its per-domain eval
   losses on the run's eval rows once and hand them to the dynamic-loading callback (which keeps
   them in the checkpoint, so a resumed run does not recompute them).
-- AFTER_FORWARD (every microbatch): the teacher's logits for the same rows, without gradients, in
-  the run's precision.
-- AFTER_LOSS: loss['kd_loss'] = T^2 KL, loss['total'] += alpha * (kd_loss - ce_loss), i.e.
+- BEFORE_FORWARD (every microbatch): the teacher's final hidden states for the same rows, without
+  gradients, in the run's precision, handed to the student's forward with the teacher's LM-head weight
+  (`SoftTargets` in the micro-batch): the student computes both LM heads and the KL a chunk of tokens at
+  a time (`models.losses`), so no [tokens, vocab] logits of the whole micro-batch exist. Under FSDP the
+  teacher's root unit (embeddings, LM head) stays gathered until the student's backward is done (the
+  chunks are recomputed there).
+- AFTER_LOSS: loss['total'] += alpha * (kd_loss - ce_loss), i.e.
   total = (1 - alpha) * CE + alpha * KD (+ the Lagrangian when pruning).
 """
 
@@ -26,11 +36,12 @@ import torch
 from composer.core import Callback, State, get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
+from torch.distributed.fsdp import FSDPModule
 
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshearing.convert.model_source import load_source_model
-from llmshearing.distill import Divergence, distillation_loss
-from llmshearing.models.composer_model import next_token_loss_sum, shift_targets
+from llmshearing.models.composer_model import SOFT_TARGETS
+from llmshearing.models.losses import IGNORE_INDEX, Divergence, SoftTargets, shift_targets
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +62,6 @@ class DistillationCallback(Callback):
         self.eval_batch_size = int(eval_batch_size)
         self.shard = shard
         self.teacher: torch.nn.Module | None = None
-        self._logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -88,19 +98,25 @@ class DistillationCallback(Callback):
         return teacher
 
     # ------------------------------------------------------------------ training
-    def after_forward(self, state: State, logger: Logger) -> None:
+    def before_forward(self, state: State, logger: Logger) -> None:
+        if isinstance(self.teacher, FSDPModule):
+            self.teacher.unshard()  # kept until after_backward: the LM-head chunks are recomputed in backward
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
-            self._logits = self.teacher(state.batch["input_ids"])
+            hidden = self.teacher(state.batch["input_ids"], output="hidden")
+        state.batch[SOFT_TARGETS] = SoftTargets(hidden, self.teacher.lm_head.weight, self.temperature,
+                                                self.divergence)
 
     def after_loss(self, state: State, logger: Logger) -> None:
-        loss, outputs = state.loss, state.outputs
-        if not isinstance(loss, dict) or "total" not in loss or "ce_loss" not in loss:
-            raise TypeError("DistillationCallback expects the model's loss() to return {'ce_loss', 'total', ...}")
-        targets = shift_targets(state.batch["input_ids"])
-        kd = distillation_loss(outputs["logits"], self._logits, targets, self.temperature, self.divergence)
-        self._logits = None
-        loss["kd_loss"] = kd
-        loss["total"] = loss["total"] + self.alpha * (kd - loss["ce_loss"])
+        loss = state.loss
+        if not isinstance(loss, dict) or not {"ce_loss", "kd_loss", "total"} <= set(loss):
+            raise TypeError("DistillationCallback expects the model's loss() to return {'ce_loss', 'kd_loss', "
+                            "'total', ...} (the student's forward gets the teacher's soft targets)")
+        loss["total"] = loss["total"] + self.alpha * (loss["kd_loss"] - loss["ce_loss"])
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        state.batch.pop(SOFT_TARGETS, None)
+        if isinstance(self.teacher, FSDPModule):
+            self.teacher.reshard()
 
     # ------------------------------------------------------------------ teacher-gap references
     @torch.no_grad()
@@ -120,13 +136,12 @@ class DistillationCallback(Callback):
             for start in range(0, len(rows), self.eval_batch_size):
                 ids = torch.stack([dataset[j]["input_ids"] for j in rows[start:start + self.eval_batch_size]])
                 ids = state.device.tensor_to_device(ids)
+                targets = shift_targets(ids)
+                targets[max(0, n_real - start):] = IGNORE_INDEX  # the padding repeats
                 with get_precision_context(state.precision, state.precision_config):
-                    logits = self.teacher(ids)
-                real = max(0, min(len(ids), n_real - start))
-                if real:
-                    ce, n = next_token_loss_sum(logits[:real], ids[:real])
-                    total[0] += ce.double()
-                    total[1] += n
+                    sums = self.teacher(ids, targets=targets)
+                total[0] += sums.ce_sum.double()
+                total[1] += sums.n_tokens
             dist.all_reduce(total, reduce_operation="SUM")
             out[evaluator.label] = float(total[0] / total[1])
         return out

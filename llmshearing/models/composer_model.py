@@ -1,4 +1,5 @@
-"""ComposerModel wrapper: next-token loss, LM metrics, and the hook for a pruning (L0) module.
+"""ComposerModel wrapper: next-token loss (chunked, `models.losses`), LM metrics, and the hook for a
+pruning (L0) module.
 
 The L0 module is a separate child (`self.l0`) so that FSDP wraps it as its own unit (which it
 keeps in fp32) and so that its `forward()` runs inside the model forward, where FSDP has gathered
@@ -14,34 +15,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torch import nn
 
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.llama import LlamaForCausalLM
+from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, shift_targets
 
 
-def shift_targets(input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token targets: position t predicts token t+1; the last position is ignored."""
-    targets = torch.full_like(input_ids, -100)
-    targets[:, :-1] = input_ids[:, 1:]
-    return targets
-
-
-def next_token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed fp32 next-token cross-entropy, number of predicted tokens) of one batch: the two sums of
-    a token-mean eval loss over many batches (or ranks)."""
-    t = shift_targets(input_ids)
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), t.reshape(-1), ignore_index=-100,
-                         reduction="sum")
-    return ce, (t != -100).sum()
+#: the key of a micro-batch under which the distillation callback hands the teacher's SoftTargets to forward
+SOFT_TARGETS = "soft_targets"
 
 
 class ComposerLlama(ComposerModel):
     def __init__(self, cfg: ModelConfig | None = None, l0: nn.Module | None = None,
-                 model: LlamaForCausalLM | None = None) -> None:
+                 model: LlamaForCausalLM | None = None, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
         super().__init__()
         if model is None:
             if cfg is None:
@@ -49,6 +38,7 @@ class ComposerLlama(ComposerModel):
             model = LlamaForCausalLM(cfg)
         self.model = model
         self.l0 = l0
+        self.loss_chunk_tokens = int(loss_chunk_tokens)
         self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy()}
         self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(), "LanguagePerplexity": LanguagePerplexity()}
 
@@ -57,19 +47,27 @@ class ComposerLlama(ComposerModel):
         return self.model.config
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The loss sums of the batch (see `models.losses`: the LM head and the losses a chunk of tokens at
+        a time, the teacher's soft targets when the batch carries them), never the full logits."""
         masks, lag = None, None
         if self.l0 is not None:
             masks, lag = self.l0()
-        logits = self.model(batch["input_ids"], masks)
-        return {"logits": logits, "lagrangian": lag}
-
-    def loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         targets = batch.get("labels")
         if targets is None:
             targets = shift_targets(batch["input_ids"])
-        logits = outputs["logits"]
-        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-        return {"ce_loss": ce, "total": ce}
+        sums = self.model(batch["input_ids"], masks, targets=targets, soft_targets=batch.get(SOFT_TARGETS),
+                          chunk_tokens=self.loss_chunk_tokens)
+        return {"ce_sum": sums.ce_sum, "n_tokens": sums.n_tokens, "kd_sum": sums.kd_sum, "lagrangian": lag}
+
+    def loss(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Token means: 'ce_loss' (and 'kd_loss' when distilling; the distillation callback mixes it into
+        'total')."""
+        n = outputs["n_tokens"].clamp_min(1)
+        ce = outputs["ce_sum"] / n
+        out = {"ce_loss": ce, "total": ce}
+        if outputs.get("kd_sum") is not None:
+            out["kd_loss"] = outputs["kd_sum"] / n
+        return out
 
     def eval_forward(self, batch: dict[str, Any], outputs: Any | None = None) -> dict[str, Any]:
         return outputs if outputs is not None else self.forward(batch)
@@ -78,11 +76,12 @@ class ComposerLlama(ComposerModel):
         return self.train_metrics if is_train else self.eval_metrics
 
     def update_metric(self, batch: dict[str, Any], outputs: dict[str, Any], metric) -> None:
-        targets = batch.get("labels")
-        if targets is None:
-            targets = shift_targets(batch["input_ids"])
-        logits = outputs["logits"]
-        metric.update(logits.reshape(-1, logits.size(-1)).contiguous(), targets.reshape(-1).contiguous())
+        """LanguageCrossEntropy / LanguagePerplexity are a summed loss over a token count (their states,
+        all-reduced as sums); the forward already made both sums, chunk by chunk."""
+        if not isinstance(metric, LanguageCrossEntropy):
+            raise TypeError(f"ComposerLlama updates LanguageCrossEntropy-type metrics only, got {type(metric).__name__}")
+        metric.sum_loss += outputs["ce_sum"].detach().float()
+        metric.total_items += outputs["n_tokens"].detach()
 
     def flops_per_batch(self, batch: dict[str, Any]) -> int:
         """Training FLOPs of one batch, llm-foundry convention: 3 x forward, forward = 2 FLOPs per

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmshearing.masks import StructureMasks
+from llmshearing.masks import LayerMasks, StructureMasks
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, LossSums, SoftTargets, chunked_losses
 from llmshearing.models.rope import RotaryEmbedding, apply_rotary
 
 #: Apply RoPE in the dtype of q/k. Under autocast q/k leave their projections in bf16 while cos/sin
@@ -126,25 +127,29 @@ class DecoderLayer(nn.Module):
         # recompute the rest. Inside the layer, not a wrapper module, so parameter names, checkpoints
         # and the FSDP unit (whose hooks stay outside the recomputed region) do not change with it.
         self.checkpoint_activations = False
+        self._impl = self._forward  # or its torch.compile'd version (`compile_layer`)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: StructureMasks | None = None,
-                idx: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                masks: LayerMasks | None = None) -> torch.Tensor:
         if self.checkpoint_activations and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, masks, idx, use_reentrant=False)
-        return self._forward(x, cos, sin, masks, idx)
+            return checkpoint(self._impl, x, cos, sin, masks, use_reentrant=False)
+        return self._impl(x, cos, sin, masks)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: StructureMasks | None,
-                 idx: int) -> torch.Tensor:
+    def compile_layer(self, backend: str = "inductor") -> None:
+        """torch.compile this layer's computation as one graph (`fullgraph`: a graph break is an error, not
+        a silent fallback). The module keeps its names and hooks (FSDP's stay outside the graph), and
+        every layer runs the same code on same-shaped inputs, so they share compiled graphs."""
+        self._impl = torch.compile(self._forward, backend=backend, fullgraph=True, dynamic=False)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: LayerMasks | None) -> torch.Tensor:
         if masks is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin)
             return x + self.mlp(self.post_attention_layernorm(x))
         hz = masks.hidden
-        a = self.self_attn(self.input_layernorm(x, hz), cos, sin,
-                           masks.heads[idx] if masks.heads is not None else None)
-        x = x + _gate(a, masks.attn_gate(idx), hz)
-        m = self.mlp(self.post_attention_layernorm(x, hz),
-                     masks.intermediate[idx] if masks.intermediate is not None else None)
-        return x + _gate(m, masks.mlp_gate(idx), hz)
+        a = self.self_attn(self.input_layernorm(x, hz), cos, sin, masks.heads)
+        x = x + _gate(a, masks.attn_gate, hz)
+        m = self.mlp(self.post_attention_layernorm(x, hz), masks.intermediate)
+        return x + _gate(m, masks.mlp_gate, hz)
 
 
 def _gate(y: torch.Tensor, scalar: torch.Tensor | None, hidden_z: torch.Tensor | None) -> torch.Tensor:
@@ -171,12 +176,12 @@ class Decoder(nn.Module):
         if hz is not None:
             x = x * hz.to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks, i)
+            x = layer(x, cos, sin, masks.for_layer(i) if masks is not None else None)
         return self.norm(x, hz)
 
 
 class LlamaForCausalLM(nn.Module):
-    """`forward(input_ids, masks=None) -> logits [B, S, V]`."""
+    """`forward(input_ids, masks=None) -> logits [B, S, V]` (or the hidden states, or chunked losses)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -206,10 +211,36 @@ class LlamaForCausalLM(nn.Module):
     def shape(self):
         return self.config.shape
 
-    def forward(self, input_ids: torch.Tensor, masks: StructureMasks | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, masks: StructureMasks | None = None, *,
+                targets: torch.Tensor | None = None, soft_targets: SoftTargets | None = None,
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS, output: str = "logits") -> torch.Tensor | LossSums:
+        """`output`: 'logits' [B, S, V]; 'hidden' (the final norm's output [B, S, D], what a teacher hands
+        its student); 'losses' (`LossSums` against `targets` [B, S] and optional `soft_targets`, the LM
+        head run a chunk of tokens at a time: no [tokens, vocab] tensor of the whole batch). Giving
+        `targets` means 'losses'. The losses are computed here, inside the forward, so that under FSDP2
+        the LM-head weight is the gathered one and its gradient goes the usual way."""
         if masks is not None and masks.is_empty():
             masks = None
-        return self.lm_head(self.model(input_ids, masks))
+        h = self.model(input_ids, masks)
+        if targets is not None or output == "losses":
+            if targets is None:
+                raise ValueError("output='losses' needs targets")
+            return chunked_losses(h, self.lm_head.weight, targets, soft_targets, chunk_tokens)
+        if output == "hidden":
+            return h
+        if output != "logits":
+            raise ValueError(f"output must be 'logits', 'hidden' or 'losses', got {output!r}")
+        return self.lm_head(h)
+
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """torch.compile every decoder layer (see `DecoderLayer.compile_layer`); the embeddings, the final norm
+        and the chunked LM head + loss stay eager."""
+        import torch._dynamo.config as dynamo_config
+
+        # one graph per distinct input signature (masked / unmasked, train / eval, last partial batch)
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+        for layer in self.model.layers:
+            layer.compile_layer(backend)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer's activations in backward instead of storing them."""
