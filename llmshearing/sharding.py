@@ -20,6 +20,7 @@ become DTensors sharded on dim 0. Anything that reads them outside forward goes 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -35,8 +36,10 @@ from llmshearing.models.rope import RotaryEmbedding
 FP32_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
 
+@functools.cache
 def device_mesh(device: str) -> DeviceMesh:
-    """The 1-D mesh of all ranks (the default process group must exist): FULL_SHARD over every rank."""
+    """The 1-D mesh of all ranks (the default process group must exist): FULL_SHARD over every rank. One
+    per process: the student, its L0 unit and the teacher share it."""
     world = torch.distributed.get_world_size()
     return init_device_mesh("cuda" if device == "gpu" else "cpu", (world,))
 
