@@ -2,7 +2,7 @@
 
 import sys
 
-from llmshearing.train import main
+from llmshearing.training.trainer import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

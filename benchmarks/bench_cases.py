@@ -18,12 +18,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
-from llmshearing.shape import ModelShape  # noqa: E402
-
 from bench_common import (  # noqa: E402
-    PRUNE_TARGET, Device, _fake_oom, composer_llama, is_oom, log, model_flops, probe_sdpa_call,
+    PRUNE_TARGET,
+    Device,
+    _fake_oom,
+    composer_llama,
+    is_oom,
+    log,
+    model_flops,
+    probe_sdpa_call,
 )
+
+from llmshearing.models.shape import ModelShape  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # models and steps
@@ -75,8 +81,10 @@ def apply_activation_checkpointing(root: torch.nn.Module, layer_cls: type) -> No
 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
-        apply_activation_checkpointing as apply_ac,
         checkpoint_wrapper,
+    )
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing as apply_ac,
     )
 
     apply_ac(root, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
@@ -142,7 +150,7 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
         if args.compile:
             compile_layers(model.model.layers, args.compile_backend)
         if args.fsdp:
-            from llmshearing import sharding
+            from llmshearing.models import sharding
 
             shard_hf(model, fsdp2_mesh(dev), sharding.mixed_precision_policy(args.precision, "DEFAULT"))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -191,14 +199,14 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
             dcfg.cache_size_limit = max(64, dcfg.cache_size_limit)
             cm.model.compile_layers(args.compile_backend)
         if args.fsdp:  # the units and policies of train.shard_model
-            from llmshearing import sharding
+            from llmshearing.models import sharding
 
             mesh = fsdp2_mesh(dev)
             sharding.shard_llama(cm.model, mesh, sharding.mixed_precision_policy(args.precision, "DEFAULT"))
             if l0 is not None:
                 sharding.shard_fp32(l0, mesh)
         if l0 is not None:
-            from llmshearing.pruning.l0 import pruning_param_groups
+            from llmshearing.pruning.param_groups import pruning_param_groups
 
             groups = pruning_param_groups(cm, lr=args.lr, lag_lr=args.lag_lr, weight_decay=args.weight_decay)
             extra["param_groups"] = [{"n_tensors": len(g["params"]), "n_params": sum(p.numel() for p in g["params"]),
@@ -248,7 +256,9 @@ def build_case(kind: str, shapes: dict[str, ModelShape], model_name: str, seq: i
             loss = forward_loss(ids)
         loss.backward()
         if args.grad_clip:
-            from llmshearing.sharding import clip_grad_norm_  # DTensor-aware, what train.py uses
+            from llmshearing.models.sharding import (
+                clip_grad_norm_,  # DTensor-aware, what train.py uses
+            )
 
             clip_grad_norm_(params, args.grad_clip)
         opt.step()

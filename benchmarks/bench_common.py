@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from llmshearing.shape import ModelShape  # noqa: E402
+from llmshearing.models.shape import ModelShape  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # shapes

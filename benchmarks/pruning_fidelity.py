@@ -29,12 +29,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench_common import emit_json  # noqa: E402
-from llmshearing.convert.checkpoint import model_from_state_dict, read_composer_checkpoint  # noqa: E402
+
+from llmshearing.convert.checkpoint import (  # noqa: E402
+    model_from_state_dict,
+    read_composer_checkpoint,
+)
 from llmshearing.pruning import hard_concrete as hc  # noqa: E402
 from llmshearing.pruning.cut import cut_model  # noqa: E402
 from llmshearing.pruning.export import split_composer_state  # noqa: E402
 from llmshearing.pruning.l0 import L0Module  # noqa: E402
-from llmshearing.reference_losses import domain_losses  # noqa: E402
+from llmshearing.training.reference_losses import domain_losses  # noqa: E402
 
 
 def _eval(model, masks, data_root: Path, domains: list[str], seq_len: int) -> dict[str, float]:

@@ -49,9 +49,9 @@ def _rank(rank: int, world: int, port: int, model_dir: str, mode: str, out: str)
     from composer.optim import DecoupledAdamW
     from torch.nn.parallel import DistributedDataParallel
 
-    from llmshearing.config import FSDPSection, ModelSection, TrainConfig
-    from llmshearing.sharding import local_bytes
-    from llmshearing.train import build_model, init_distributed, shard_model
+    from llmshearing.models.sharding import local_bytes
+    from llmshearing.training.config import FSDPSection, ModelSection, TrainConfig
+    from llmshearing.training.trainer import build_model, init_distributed, shard_model
 
     base = _status("VmHWM")
     rec: dict = {"baseline": base}
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmshearing.convert.checkpoint import save_model_dir
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.llama import LlamaForCausalLM
-    from llmshearing.shape import ModelShape
+    from llmshearing.models.shape import ModelShape
 
     shape = ModelShape(d_model=a.d_model, n_heads=a.heads, n_kv_heads=a.heads, head_dim=a.d_model // a.heads,
                        n_layers=a.layers, intermediate_size=a.ffn, vocab_size=a.vocab)

@@ -54,7 +54,7 @@ def _case(shape_name: str, shape: dict, task: str, impl: str, chunk: int, seq: i
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.llama import LlamaForCausalLM
     from llmshearing.models.losses import SoftTargets, shift_targets
-    from llmshearing.shape import ModelShape
+    from llmshearing.models.shape import ModelShape
 
     torch.manual_seed(0)
     cfg = ModelConfig(shape=ModelShape(**shape), max_position_embeddings=max(seq, 4096))

@@ -46,12 +46,19 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
-
 from bench_cases import run_case  # noqa: E402
 from bench_common import (  # noqa: E402
-    CASES, PRUNE_SOURCE, PRUNE_TARGET, SHAPES, TINY_SHAPES, Device, composer_llama, log, measure_matmul,
-    sdpa_backend_probe, spec_peak,
+    CASES,
+    PRUNE_SOURCE,
+    PRUNE_TARGET,
+    SHAPES,
+    TINY_SHAPES,
+    Device,
+    composer_llama,
+    log,
+    measure_matmul,
+    sdpa_backend_probe,
+    spec_peak,
 )
 
 # --------------------------------------------------------------------------------------------------

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 args=(single)
 if [[ "${1:-}" == "--dry-run" ]]; then args+=(--dry-run); shift; fi
 [[ -n "${GPUS_PER_NODE:-}" ]] && args+=(--gpus-per-node "$GPUS_PER_NODE")
-exec python -m llmshearing.launch "${args[@]}" "$@"
+exec python -m llmshearing.training.launch "${args[@]}" "$@"

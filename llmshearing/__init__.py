@@ -1,6 +1,6 @@
 """llmshearing: shear large LLaMA-family models into small, strong ones."""
 
-from llmshearing.shape import ModelShape
+from llmshearing.models.shape import ModelShape
 
 __all__ = ["ModelShape"]
 __version__ = "0.1.0"

@@ -15,8 +15,8 @@ COMMANDS = [
     ("llmshearing.convert.cli", "convert weights between Hugging Face and llmshearing"),
     ("llmshearing.pruning.export", "cut a pruning checkpoint to a dense model of the target shape"),
     ("llmshearing.data.cli", "tokenize raw documents per domain into MDS shards"),
-    ("llmshearing.reference_losses", "per-domain reference losses for dynamic batch loading (eval, scaling-law fit)"),
-    ("llmshearing.demo", "run the tiny end-to-end shearing pipeline on CPU"),
+    ("llmshearing.training.reference_losses", "per-domain reference losses for dynamic batch loading (eval, scaling-law fit)"),
+    ("llmshearing.demo.run", "run the tiny end-to-end shearing pipeline on CPU"),
 ]
 
 

@@ -23,12 +23,11 @@ import sys
 from pathlib import Path
 
 import torch
-
 from composer.core import Callback
 from composer.utils import dist
 
 from llmshearing.data.dynamic import find_dynamic_sampler
-from llmshearing.train import main
+from llmshearing.training.trainer import main
 
 
 class Recorder(Callback):

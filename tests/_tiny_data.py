@@ -52,10 +52,14 @@ def tiny_model_dirs(data: Path, out: Path) -> tuple[Path, Path]:
     model of its pruning target's shape (seed 1), i.e. what prune-export would leave. (out/src, out/cut)"""
     import torch
 
-    from llmshearing.config import build_model_config, load_config, pruning_target
     from llmshearing.convert.checkpoint import save_model_dir
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.llama import LlamaForCausalLM
+    from llmshearing.training.config import (
+        build_model_config,
+        load_config,
+        pruning_target,
+    )
 
     cfg = load_config(TINY_PRUNE, [f"data.root={data}"])
     src = build_model_config(cfg)

@@ -102,7 +102,7 @@ def test_independent_count_matches_the_real_parameter_count(run):
     """The independent formula's weight count equals the model's actual non-embedding parameters."""
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.llama import LlamaForCausalLM
-    from llmshearing.shape import ModelShape
+    from llmshearing.models.shape import ModelShape
 
     for x in run["report"]["results"]:
         if x["case"] != "cpt" or x["seq_len"] != run["report"]["meta"]["seq_lens"][0]:

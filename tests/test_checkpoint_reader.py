@@ -20,8 +20,8 @@ from llmshearing.callbacks.model_info import ModelInfo
 from llmshearing.convert.checkpoint import read_composer_checkpoint
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.shape import ModelShape
 from llmshearing.pruning.l0 import L0Module
-from llmshearing.shape import ModelShape
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = ModelShape(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=3, intermediate_size=96,

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_data import make_tiny_data
 
-from llmshearing.config import load_config
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.llama import LlamaForCausalLM
+from llmshearing.models.shape import ModelShape
 from llmshearing.pruning.l0 import L0Module
-from llmshearing.shape import ModelShape
-from llmshearing.train import build_trainer
-
-from _tiny_data import make_tiny_data
+from llmshearing.training.config import load_config
+from llmshearing.training.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = ModelShape(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, n_layers=3, intermediate_size=96, vocab_size=101)

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from llmshearing.config import ConfigError, load_config
-from llmshearing.config_checks import validate
 from llmshearing.convert.checkpoint import save_domain_weights
 from llmshearing.models.config import ModelConfig
-from llmshearing.shape import ModelShape
+from llmshearing.models.shape import ModelShape
+from llmshearing.training.config import ConfigError, load_config
+from llmshearing.training.config_checks import validate
 
 REPO = Path(__file__).resolve().parents[1]
 YAMLS = sorted(p for p in (REPO / "yamls").rglob("*.yaml"))
@@ -134,7 +134,7 @@ def test_required_key_missing(tmp_path):
 
 def test_proportions_from_model(tmp_path):
     """`data.proportions: from_model` reads the pruning run's final mixture saved next to the cut model."""
-    from llmshearing.config import resolve_proportions
+    from llmshearing.training.config import resolve_proportions
 
     path = REPO / "yamls/cpt_1.3b.yaml"
     ov = overrides_for(path, tmp_path)

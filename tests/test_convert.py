@@ -14,15 +14,27 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from _hf_helpers import CASES, hf_case, max_abs_diff, tokens
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from _hf_helpers import CASES, hf_case, max_abs_diff, tokens
 from llmshearing.convert import cli as convert_cli
-from llmshearing.convert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, load_model_dir
+from llmshearing.convert.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_model,
+    load_model_dir,
+)
+from llmshearing.convert.hf import (
+    convert_composer_to_hf,
+    convert_hf_to_llmshearing,
+    export_to_hf,
+)
+from llmshearing.convert.hf_config import (
+    hf_config_from_model_config,
+    model_config_from_hf,
+)
 from llmshearing.convert.safetensors_writer import SafetensorsStreamWriter
-from llmshearing.convert.hf import convert_composer_to_hf, convert_hf_to_llmshearing, export_to_hf
-from llmshearing.convert.hf_config import hf_config_from_model_config, model_config_from_hf
 
 ATOL = 1e-4  # fp32 logits, our model vs transformers
 

@@ -6,13 +6,13 @@ import logging
 import pytest
 import torch
 
-from llmshearing.masks import StructureMasks
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.llama import LlamaForCausalLM
+from llmshearing.models.masks import StructureMasks
+from llmshearing.models.shape import ModelShape
 from llmshearing.pruning import hard_concrete as hc
 from llmshearing.pruning.cut import cut_model, cut_report
 from llmshearing.pruning.l0 import L0Module
-from llmshearing.shape import ModelShape
 
 ALL = ["layer", "head", "intermediate", "hidden"]
 MHA = ModelShape(d_model=24, n_heads=6, n_kv_heads=6, head_dim=4, n_layers=4, intermediate_size=40, vocab_size=50)

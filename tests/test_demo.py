@@ -39,7 +39,7 @@ def test_demo_runs_and_shearing_beats_scratch(tmp_path):
 
     # the recovery comparison (`llmshearing demo --compare`, README table) runs on that output: every recipe
     # trains from the same cut model and is evaluated on every domain (2 batches each: a smoke run)
-    p = subprocess.run([sys.executable, "-m", "llmshearing.recovery", str(tmp_path / "demo"), "--steps", "2"],
+    p = subprocess.run([sys.executable, "-m", "llmshearing.demo.recovery", str(tmp_path / "demo"), "--steps", "2"],
                        capture_output=True, text=True, env=env, timeout=900)  # hang guard
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     cmp = json.loads(p.stdout)
@@ -51,9 +51,9 @@ def test_demo_runs_and_shearing_beats_scratch(tmp_path):
 
 def test_real_source_target_keeps_gqa_and_about_40_percent():
     """`llmshearing demo --source`: the target of SmolLM2-135M's shape (9 query heads in 3 KV groups)."""
-    from llmshearing.demo_real import real_target
+    from llmshearing.demo.real import real_target
+    from llmshearing.models.shape import ModelShape
     from llmshearing.pruning.target import validate_target
-    from llmshearing.shape import ModelShape
 
     src = ModelShape(d_model=576, n_heads=9, n_kv_heads=3, head_dim=64, n_layers=30, intermediate_size=1536,
                      vocab_size=49152, tie_embeddings=True)

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from llmshearing.config import load_config, resolve_proportions
-from llmshearing.convert.checkpoint import load_model, save_domain_weights
-from llmshearing.train import build_trainer
-
 from _tiny_data import DOMAINS, make_tiny_data, tiny_model_dirs
+
+from llmshearing.convert.checkpoint import load_model, save_domain_weights
+from llmshearing.training.config import load_config, resolve_proportions
+from llmshearing.training.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CPT = REPO / "yamls/tiny/cpt.yaml"

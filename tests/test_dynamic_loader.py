@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
-from llmshearing.data.sampler import DomainExhaustedError, DynamicBatchSampler, validate_proportions
+from llmshearing.data.sampler import (
+    DomainExhaustedError,
+    DynamicBatchSampler,
+    validate_proportions,
+)
 
 DOMAINS = ["cc", "github", "book"]
 SIZES = [400, 300, 200]

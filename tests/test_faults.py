@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_data import driver_env, make_tiny_data, tiny_model_dirs
 
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
-from llmshearing.resume import repair_latest_link
-
-from _tiny_data import driver_env, make_tiny_data, tiny_model_dirs
+from llmshearing.training.resume import repair_latest_link
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE, CPT = REPO / "yamls/tiny/prune.yaml", REPO / "yamls/tiny/cpt.yaml"

@@ -48,8 +48,8 @@ def _child(argv: list[str]) -> int:
 
     from composer.core import Callback
 
-    from llmshearing.config import load_config
-    from llmshearing.train import build_trainer
+    from llmshearing.training.config import load_config
+    from llmshearing.training.trainer import build_trainer
 
     logging.basicConfig(level=logging.WARNING)
     yaml, out, stop_at, overrides = argv[0], argv[1], int(argv[2]), argv[3:]
@@ -113,9 +113,9 @@ def data_root(tmp_path_factory) -> Path:
 
 def _model_dir(tmp: Path, data_root: Path) -> Path:
     """A random model of the tiny source shape as an llmshearing model dir (both stages start from it)."""
-    from llmshearing.config import build_model_config, load_config
     from llmshearing.convert.checkpoint import save_model_dir
     from llmshearing.models.llama import LlamaForCausalLM
+    from llmshearing.training.config import build_model_config, load_config
 
     torch.manual_seed(0)
     cfg = build_model_config(load_config(PRUNE, [f"data.root={data_root}"]))
@@ -227,9 +227,9 @@ def masked_and_cut(name: str, device: str, seed: int = 0, mask_seed: int | None 
 
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.llama import LlamaForCausalLM
+    from llmshearing.models.shape import ModelShape
     from llmshearing.pruning.cut import cut_model
     from llmshearing.pruning.l0 import L0Module
-    from llmshearing.shape import ModelShape
 
     src_kw, tgt_kw = EQUIV_CASES[name]
     src = ModelShape(**src_kw)
@@ -300,7 +300,7 @@ def _attn_module(n_heads: int, n_kv: int, head_dim: int = 64, d: int = 256):
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.llama import Attention
     from llmshearing.models.rope import RotaryEmbedding
-    from llmshearing.shape import ModelShape
+    from llmshearing.models.shape import ModelShape
 
     cfg = ModelConfig(shape=ModelShape(d_model=d, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, n_layers=1,
                                        intermediate_size=64, vocab_size=64))

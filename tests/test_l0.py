@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from llmshearing.masks import StructureMasks
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.masks import StructureMasks
+from llmshearing.models.shape import ModelShape
 from llmshearing.pruning import hard_concrete as hc
-from llmshearing.pruning.l0 import L0Module, pruning_param_groups
-from llmshearing.shape import ModelShape
+from llmshearing.pruning.l0 import L0Module
+from llmshearing.pruning.param_groups import pruning_param_groups
 
 TINY_GQA = ModelShape(d_model=6, n_heads=4, n_kv_heads=2, head_dim=2, n_layers=2, intermediate_size=5,
                       vocab_size=11, qkv_bias=True)

@@ -4,7 +4,7 @@ import shlex
 
 import pytest
 
-from llmshearing import launch
+from llmshearing.training import launch
 
 
 def _dry(argv, env, capsys):

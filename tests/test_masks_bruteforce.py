@@ -19,9 +19,9 @@ import copy
 import pytest
 import torch
 import transformers
-
 from _hf_helpers import clone_hf, hf_case, max_abs_diff, ours_from_hf, tokens
-from llmshearing.masks import StructureMasks
+
+from llmshearing.models.masks import StructureMasks
 
 MODELS = ["llama-mha-untied", "llama-gqa-tied-llama3rope", "qwen2-gqa-bias"]
 EXACT = 1e-5  # same dims, weights scaled instead of activations: only float reassociation differs

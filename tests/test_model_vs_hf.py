@@ -12,8 +12,17 @@ import json
 import pytest
 import torch
 import transformers
+from _hf_helpers import (
+    BASE,
+    CASES,
+    config_of,
+    hf_case,
+    hf_model,
+    max_abs_diff,
+    ours_from_hf,
+    tokens,
+)
 
-from _hf_helpers import CASES, BASE, hf_case, hf_model, max_abs_diff, ours_from_hf, tokens, config_of
 from llmshearing.convert.checkpoint import load_state_dict_strict
 from llmshearing.convert.hf_config import model_config_from_hf
 from llmshearing.models.llama import LlamaForCausalLM

@@ -27,11 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from llmshearing.config import load_config
-from llmshearing.convert.checkpoint import load_model, save_domain_weights
-
 from _tiny_data import DOMAINS, driver_env, make_tiny_data, tiny_model_dirs
+
+from llmshearing.convert.checkpoint import load_model, save_domain_weights
+from llmshearing.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE = REPO / "yamls/tiny/prune.yaml"

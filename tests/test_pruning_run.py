@@ -10,12 +10,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmshearing.convert.checkpoint import load_model
-from llmshearing.masks import StructureMasks
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.config import ModelConfig
+from llmshearing.models.masks import StructureMasks
+from llmshearing.models.shape import ModelShape
 from llmshearing.pruning.cut import cut_model
-from llmshearing.pruning.l0 import L0Module, pruning_param_groups
-from llmshearing.shape import ModelShape
+from llmshearing.pruning.l0 import L0Module
+from llmshearing.pruning.param_groups import pruning_param_groups
 
 VOCAB = 64
 

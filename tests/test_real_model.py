@@ -15,18 +15,17 @@ import math
 import pytest
 import torch
 import transformers
+from _real_model import smollm2_gguf
 from safetensors.torch import load_file
 
 from llmshearing.convert.checkpoint import load_model
 from llmshearing.convert.gguf import convert_gguf_to_llmshearing
 from llmshearing.convert.hf import convert_composer_to_hf, convert_hf_to_llmshearing
 from llmshearing.convert.model_source import load_source_model
-from llmshearing.demo_corpus import prose_docs
+from llmshearing.demo.corpus import prose_docs
 from llmshearing.pruning import hard_concrete as hc
 from llmshearing.pruning.cut import cut_model
 from llmshearing.pruning.l0 import L0Module
-
-from _real_model import smollm2_gguf
 
 pytestmark = pytest.mark.real
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from llmshearing.reference_losses import fit_scaling_law, predict
-from llmshearing.shape import ModelShape
-
 from _tiny_data import DOMAINS, make_tiny_data
+
+from llmshearing.models.shape import ModelShape
+from llmshearing.training.reference_losses import fit_scaling_law, predict
 
 
 @pytest.mark.parametrize("e,a,alpha,sizes", [

@@ -1,4 +1,4 @@
-"""FSDP2 units on 2 real processes (torch.multiprocessing, gloo): what `llmshearing.sharding` builds,
+"""FSDP2 units on 2 real processes (torch.multiprocessing, gloo): what `llmshearing.models.sharding` builds,
 checked against the same model unsharded in one process.
 
 One 2-rank job (module fixture) runs every check and reports numbers; the tests assert on them:
@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from llmshearing.shape import ModelShape
+from llmshearing.models.shape import ModelShape
 
 pytestmark = pytest.mark.multiprocess
 
@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from llmshearing import sharding
+    from llmshearing.models import sharding
     from llmshearing.models.composer_model import shift_targets
     from llmshearing.models.config import ModelConfig
     from llmshearing.models.llama import LlamaForCausalLM

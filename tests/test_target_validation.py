@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
+from llmshearing.models.shape import ModelShape, ShapeError
 from llmshearing.pruning.l0 import L0Module
 from llmshearing.pruning.target import validate_target
-from llmshearing.shape import ModelShape, ShapeError
 
 ALL = ["layer", "head", "intermediate", "hidden"]
 SRC = ModelShape(d_model=64, n_heads=8, n_kv_heads=2, head_dim=8, n_layers=4, intermediate_size=128, vocab_size=100)

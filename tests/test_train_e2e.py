@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_data import make_tiny_data
 from composer.core import Callback
 
-from llmshearing.config import load_config
 from llmshearing.convert.checkpoint import save_model_dir
-from llmshearing.train import build_trainer
-
-from _tiny_data import make_tiny_data
+from llmshearing.training.config import load_config
+from llmshearing.training.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE = REPO / "yamls/tiny/prune.yaml"
@@ -62,8 +61,8 @@ def _run(yaml: Path, overrides: list[str], stop_at: int | None = None):
 
 def _small_model_dir(tmp: Path, data_root: Path) -> Path:
     """A random model of the tiny source shape, as an llmshearing model dir (model.path)."""
-    from llmshearing.config import build_model_config
     from llmshearing.models.llama import LlamaForCausalLM
+    from llmshearing.training.config import build_model_config
 
     torch.manual_seed(0)
     cfg = build_model_config(load_config(PRUNE, [f"data.root={data_root}"]))

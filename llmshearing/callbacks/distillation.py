@@ -41,7 +41,12 @@ from torch.distributed.fsdp import FSDPModule
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshearing.convert.model_source import load_source_model
 from llmshearing.models.composer_model import SOFT_TARGETS
-from llmshearing.models.losses import IGNORE_INDEX, Divergence, SoftTargets, shift_targets
+from llmshearing.models.losses import (
+    IGNORE_INDEX,
+    Divergence,
+    SoftTargets,
+    shift_targets,
+)
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from llmshearing.sharding import average_summed_grads_, clip_grad_norm_
+from llmshearing.models.sharding import average_summed_grads_, clip_grad_norm_
 
 
 class FinishGradients(Algorithm):

@@ -38,8 +38,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from llmshearing.models.sharding import full_params
 from llmshearing.pruning.l0 import L0Module, unwrap_l0
-from llmshearing.sharding import full_params
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,9 @@ def is_gguf_file(path: str | Path) -> bool:
 
 def _gguf_field(path: Path, key: str):
     """A scalar metadata field of a GGUF file, or None."""
-    from gguf import GGUFReader  # installed with the [real] extra, like transformers' GGUF support needs
+    from gguf import (
+        GGUFReader,  # installed with the [real] extra, like transformers' GGUF support needs
+    )
 
     field = GGUFReader(str(path)).fields.get(key)
     if field is None or not field.data:

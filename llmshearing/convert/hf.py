@@ -32,7 +32,11 @@ from llmshearing.convert.checkpoint import (
     load_model_config,
     read_composer_checkpoint,
 )
-from llmshearing.convert.hf_config import HF_CONFIG_NAME, hf_config_from_model_config, read_hf_config
+from llmshearing.convert.hf_config import (
+    HF_CONFIG_NAME,
+    hf_config_from_model_config,
+    read_hf_config,
+)
 from llmshearing.convert.hf_weights import (
     HF_WEIGHT_FILES,
     Entry,

@@ -18,7 +18,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import CONFIG_NAME as HF_CONFIG_NAME
 
 from llmshearing.models.config import ARCHITECTURES, ModelConfig
-from llmshearing.shape import ModelShape, ShapeError
+from llmshearing.models.shape import ModelShape, ShapeError
 
 #: Keys that must be given explicitly: a default here would silently build a different model.
 _REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")

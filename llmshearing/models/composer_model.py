@@ -23,7 +23,6 @@ from llmshearing.models.config import ModelConfig
 from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, shift_targets
 
-
 #: the key of a micro-batch under which the distillation callback hands the teacher's SoftTargets to forward
 SOFT_TARGETS = "soft_targets"
 

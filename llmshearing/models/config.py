@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from llmshearing.shape import ModelShape
+from llmshearing.models.shape import ModelShape
 
 #: Architecture families we can load and export; value = the HF `architectures` entry.
 ARCHITECTURES = {

@@ -13,9 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llmshearing.masks import LayerMasks, StructureMasks
 from llmshearing.models.config import ModelConfig
-from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, LossSums, SoftTargets, chunked_losses
+from llmshearing.models.losses import (
+    DEFAULT_CHUNK_TOKENS,
+    LossSums,
+    SoftTargets,
+    chunked_losses,
+)
+from llmshearing.models.masks import LayerMasks, StructureMasks
 from llmshearing.models.rope import RotaryEmbedding, apply_rotary
 
 #: Apply RoPE in the dtype of q/k. Under autocast q/k leave their projections in bf16 while cos/sin

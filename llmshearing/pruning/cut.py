@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from llmshearing.masks import StructureMasks
 from llmshearing.convert.checkpoint import model_from_state_dict
 from llmshearing.models.llama import LlamaForCausalLM
-from llmshearing.shape import ModelShape
+from llmshearing.models.masks import StructureMasks
+from llmshearing.models.shape import ModelShape
 
 log = logging.getLogger(__name__)
 

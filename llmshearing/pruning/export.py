@@ -23,7 +23,7 @@ from llmshearing.convert.checkpoint import (
     save_model_dir,
     torch_load,
 )
-from llmshearing.masks import StructureMasks
+from llmshearing.models.masks import StructureMasks
 from llmshearing.pruning.cut import cut_model, cut_report
 from llmshearing.pruning.l0 import L0Module
 
@@ -106,7 +106,9 @@ def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path
         save_domain_weights(out_dir, final_weights, source=str(ckpt_path), source_model=source_model)
         report["domain_weights"] = final_weights
     if hf_dir is not None:
-        from llmshearing.convert.hf import export_to_hf  # lazy: optional path, heavier imports
+        from llmshearing.convert.hf import (
+            export_to_hf,  # lazy: optional path, heavier imports
+        )
 
         export_to_hf(sd, cut.config, hf_dir, tokenizer_dir=tokenizer_dir)
         report["hf_dir"] = str(hf_dir)

@@ -5,30 +5,6 @@ them into (a) the `StructureMasks` the model applies and (b) the Lagrangian pena
 each mask type's expected sparsity onto its (warmed-up) target. It knows nothing about Composer;
 a Composer callback (`PruningCallback`) glues it to the Trainer.
 
-Mask types (L layers, H query heads, K KV groups of G query heads, F channels, D hidden):
-
-| type         | logits    | kept per row (target)  | created when ('module' enabled and)   |
-|--------------|-----------|------------------------|----------------------------------------|
-| layer        | [L]       | n_layers_T             | 'layer',  n_layers_T < L               |
-| head (MHA)   | [L, H]    | n_heads_T per layer    | 'head',   H_T < H, source is MHA       |
-| kv_group     | [L, K]    | K_T per layer          | 'head',   K_T < K, source is GQA       |
-| query_head   | [L, K, G] | G_T per KV group       | 'head',   G_T < G, source is GQA       |
-| intermediate | [L, F]    | F_T per layer          | 'intermediate', F_T < F                |
-| hidden       | [D]       | d_model_T              | 'hidden', D_T < D                      |
-
-Under GQA the per-query-head mask handed to the model is z[l, k*G + g] = z_kv[l, k] * z_q[l, k, g]
-(query head h uses KV group h // G, the convention of SDPA's enable_gqa / HF repeat_kv). The
-deterministic masks keep exactly K_T groups per layer and G_T heads in every group, so the cut model
-is a valid GQA shape. MHA is the special case G = 1, expressed as one [L, H] 'head' mask.
-
-Penalty per row, as the original: a mask type's Lagrangian is the mean over its rows (one per layer
-for head / kv_group / intermediate, one per (layer, KV group) for query_head, a single row for layer
-and hidden) of lambda_1 * (s_r - t) + lambda_2 * (s_r - t)^2, s_r = 1 - mean P(z != 0) over the row's
-units. The linear term equals the penalty of the mean sparsity; the quadratic one adds the variance
-of the rows, so layers cannot drift apart (half the layers at t + 0.2 and half at t - 0.2 would cost
-nothing with the mean first). That matters because the cut keeps exactly the target count in every
-row: an uneven masked model drops near-1 units in some layers and keeps near-0 ones in others.
-
 Sampling noise: every microbatch draws its own mask sample, from a private generator seeded with
 hash(seed, step, microbatch index), not from the global RNG. The index counts the microbatches of
 the whole global batch: rank r's j-th microbatch of the step is r * (microbatches per rank) + j
@@ -45,6 +21,9 @@ called by the callback), and additionally clamped *at use* with a straight-throu
 (`hard_concrete.clamp_at_use`), so the values used always obey the spec even if a step was not
 followed by `clamp_()` (e.g. under FSDP without original params).
 
+Mask types and their composition: `mask_set.py`; expected size: `expected_size.py`; the penalty:
+`lagrangian.py`; the optimizer's param groups: `param_groups.py`.
+
 The `pruning` dict written into checkpoints (see `config_dict`):
     {'target': ModelShape.to_dict(), 'modules': [str, ...], 'lagrangian_warmup_steps': int,
      'eval_target_model': bool, 'init_mean': float}
@@ -53,68 +32,22 @@ The `pruning` dict written into checkpoints (see `config_dict`):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from llmshearing.masks import StructureMasks
+from llmshearing.models.masks import StructureMasks
+from llmshearing.models.shape import ModelShape
+from llmshearing.pruning import expected_size
 from llmshearing.pruning import hard_concrete as hc
-from llmshearing.pruning.target import VALID_MODULES, validate_target
-from llmshearing.shape import ModelShape, ShapeError
+from llmshearing.pruning import lagrangian as penalty
+from llmshearing.pruning.mask_set import DEFAULT_MODULES, compose, mask_specs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODULES: tuple[str, ...] = ("layer", "head", "intermediate", "hidden")
-MASK_TYPES: tuple[str, ...] = ("layer", "head", "kv_group", "query_head", "intermediate", "hidden")
 _CONFIG_KEYS = {"target", "modules", "lagrangian_warmup_steps", "eval_target_model", "init_mean"}
-
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """One mask type: logits shape, units kept per row in the target, and its pruning module."""
-
-    name: str
-    shape: tuple[int, ...]
-    n_keep: int
-    module: str
-
-    @property
-    def row_size(self) -> int:
-        return self.shape[-1]
-
-    @property
-    def final_target_sparsity(self) -> float:
-        return 1.0 - self.n_keep / self.row_size
-
-
-def mask_specs(source: ModelShape, target: ModelShape, modules: Iterable[str]) -> dict[str, MaskSpec]:
-    """The mask types needed to prune `source` to `target` (validated first)."""
-    modules = list(modules)
-    validate_target(source, target, modules)
-    L, H, K, G = source.n_layers, source.n_heads, source.n_kv_heads, source.group_size
-    specs: list[MaskSpec] = []
-    if "layer" in modules and target.n_layers < L:
-        specs.append(MaskSpec("layer", (L,), target.n_layers, "layer"))
-    if "head" in modules:
-        if K == H:  # MHA: one mask per head
-            if target.n_heads < H:
-                specs.append(MaskSpec("head", (L, H), target.n_heads, "head"))
-        else:
-            if target.n_kv_heads < K:
-                specs.append(MaskSpec("kv_group", (L, K), target.n_kv_heads, "head"))
-            if target.group_size < G:
-                specs.append(MaskSpec("query_head", (L, K, G), target.group_size, "head"))
-    if "intermediate" in modules and target.intermediate_size < source.intermediate_size:
-        specs.append(MaskSpec("intermediate", (L, source.intermediate_size), target.intermediate_size,
-                              "intermediate"))
-    if "hidden" in modules and target.d_model < source.d_model:
-        specs.append(MaskSpec("hidden", (source.d_model,), target.d_model, "hidden"))
-    if not specs:
-        raise ShapeError(f"target equals the source in every enabled dimension (modules {modules}); nothing to prune")
-    return {s.name: s for s in specs}
 
 
 class L0Module(nn.Module):
@@ -249,17 +182,7 @@ class L0Module(nn.Module):
         return self._compose(zs)
 
     def _compose(self, zs: dict[str, torch.Tensor]) -> StructureMasks:
-        s = self.source
-        heads = zs.get("head")
-        z_kv, z_q = zs.get("kv_group"), zs.get("query_head")
-        if z_kv is not None and z_q is not None:
-            heads = (z_kv.unsqueeze(-1) * z_q).reshape(s.n_layers, s.n_heads)
-        elif z_kv is not None:
-            heads = z_kv.repeat_interleave(s.group_size, dim=-1)
-        elif z_q is not None:
-            heads = z_q.reshape(s.n_layers, s.n_heads)
-        return StructureMasks(layer=zs.get("layer"), heads=heads, intermediate=zs.get("intermediate"),
-                              hidden=zs.get("hidden"))
+        return compose(self.source, zs)
 
     # ---- expected size and sparsity -------------------------------------------------------------
     def probs(self) -> dict[str, torch.Tensor]:
@@ -267,36 +190,8 @@ class L0Module(nn.Module):
         return {n: hc.prob_nonzero(hc.clamp_at_use(self.log_alpha(n))) for n in self.specs}
 
     def expected_params(self, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Expected remaining prunable parameters (0-d float64 tensor).
-
-        Every weight entry survives with the product of the probabilities of the units owning
-        its row and column, so per layer l (E_D = sum of hidden probabilities, or D):
-            p_layer[l] * [ sum_k p_kv[l,k] * (kv_group_params(E_D) + sum_g p_q[l,k,g] * q_head_params(E_D))
-                           + sum_f p_int[l,f] * channel_params(E_D) ]
-        Per-unit counts are linear in d, so plugging E_D in is exact. A group's K/V rows count with
-        p_kv only (in the relaxation they still compute when all its query heads are off; the
-        target masks never leave a kept group empty). float64 so 0/1 probabilities reproduce
-        `target.n_prunable_params()` exactly even for 7B-scale counts.
-        """
-        p = {k: v.double() for k, v in (self.probs() if probs is None else probs).items()}
-        s = self.source
-        L, K, G = s.n_layers, s.n_kv_heads, s.group_size
-        dev = next(iter(p.values())).device
-        f64 = dict(dtype=torch.float64, device=dev)
-        ed = p["hidden"].sum() if "hidden" in p else torch.tensor(float(s.d_model), **f64)
-        if "head" in p:  # MHA: a head is its own KV group
-            attn = p["head"].sum(-1) * (s.params_per_kv_group(ed) + s.params_per_q_head(ed))
-        else:
-            q_per_group = p["query_head"].sum(-1) if "query_head" in p else torch.full((L, K), float(G), **f64)
-            kv = p["kv_group"] if "kv_group" in p else torch.ones((L, K), **f64)
-            attn = (kv * (s.params_per_kv_group(ed) + q_per_group * s.params_per_q_head(ed))).sum(-1)
-        if "intermediate" in p:
-            channels = p["intermediate"].sum(-1)
-        else:
-            channels = torch.full((L,), float(s.intermediate_size), **f64)
-        mlp = channels * s.params_per_channel(ed)
-        layer = p["layer"] if "layer" in p else torch.ones((L,), **f64)
-        return (layer * (attn + mlp)).sum()
+        """Expected remaining prunable parameters (0-d float64; see `expected_size.expected_params`)."""
+        return expected_size.expected_params(self.source, self.probs() if probs is None else probs)
 
     def expected_sparsity(self, probs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Per mask type 1 - mean P(z != 0) (mean over rows and units), plus 'overall' =
@@ -308,30 +203,17 @@ class L0Module(nn.Module):
 
     def target_sparsity(self, step: int | None = None) -> dict[str, float]:
         """Per mask type: t_m * min(1, step / lagrangian_warmup_steps), t_m = 1 - kept_T / size."""
-        step = self._step if step is None else step
-        w = self.lagrangian_warmup_steps
-        frac = 1.0 if w <= 0 else min(1.0, max(step, 0) / w)
-        return {n: spec.final_target_sparsity * frac for n, spec in self.specs.items()}
+        return penalty.target_sparsity(self.specs, self._step if step is None else step,
+                                          self.lagrangian_warmup_steps)
 
     def lagrangian(self, step: int | None = None, rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """sum_m mean_rows[lambda_1m * (s_mr - t_m) + lambda_2m * (s_mr - t_m)^2] (0-d fp32 tensor);
-        minimised over log_alpha, maximised over the lambdas (negative-lr param group). `rows`: the
-        `expected_sparsity_per_row()` a caller already has."""
-        s = self.expected_sparsity_per_row() if rows is None else rows
-        t = self.target_sparsity(step)
-        total = None
-        for n in self.specs:
-            l1, l2 = self.lambdas(n)
-            d = s[n] - t[n]
-            term = (l1 * d + l2 * d * d).mean()
-            total = term if total is None else total + term
-        return total
+        """The penalty (`lagrangian.lagrangian`) at `step`; `rows`: the `expected_sparsity_per_row()` a
+        caller already has."""
+        rows = self.expected_sparsity_per_row() if rows is None else rows
+        return penalty.lagrangian(rows, self.target_sparsity(step), {n: self.lambdas(n) for n in self.specs})
 
     def expected_sparsity_per_row(self, probs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Per mask type, 1 - mean P(z != 0) over the units of each row: a [rows] tensor (rows = all
-        but the last logits dimension; one row for layer and hidden). What the Lagrangian needs."""
-        p = self.probs() if probs is None else probs
-        return {n: 1 - v.reshape(-1, self.specs[n].row_size).mean(-1) for n, v in p.items()}
+        return expected_size.expected_sparsity_per_row(self.specs, self.probs() if probs is None else probs)
 
     @torch.no_grad()
     def stats(self, step: int | None = None) -> dict[str, float]:
@@ -374,31 +256,4 @@ def unwrap_l0(module: nn.Module) -> "L0Module":
     return m
 
 
-def pruning_param_groups(composer_model: nn.Module, lr: float, lag_lr: float,
-                         weight_decay: float = 0.0, lag_betas: tuple[float, float] | None = None) -> list[dict[str, Any]]:
-    """Three param groups for ONE optimizer: model (lr, weight_decay), mask logits (lag_lr, wd 0),
-    Lagrange multipliers (lr = -lag_lr, wd 0).
-
-    The negative learning rate turns the optimizer step into gradient *ascent* on the lambdas
-    (the min-max of the Lagrangian); torch only validates the default lr, so pass a positive
-    `lr=` to the optimizer. Weight decay must stay 0 on masks and multipliers.
-    """
-    if lag_lr <= 0:
-        raise ValueError(f"lag_lr must be > 0 (the lambdas get -lag_lr), got {lag_lr}")
-    l0_wrapped = getattr(composer_model, "l0", None)
-    if l0_wrapped is None:
-        raise ValueError("the model has no L0 module (`.l0` is None); pruning param groups need one")
-    l0 = unwrap_l0(l0_wrapped)
-    log_alphas, lambdas = l0.log_alpha_params(), l0.lambda_params()
-    l0_ids = {id(p) for p in l0.parameters()}
-    model_params = [p for p in composer_model.parameters() if id(p) not in l0_ids and p.requires_grad]
-    extra = {} if lag_betas is None else {"betas": tuple(lag_betas)}
-    return [
-        {"params": model_params, "lr": lr, "weight_decay": weight_decay},
-        {"params": log_alphas, "lr": lag_lr, "weight_decay": 0.0, **extra},
-        {"params": lambdas, "lr": -lag_lr, "weight_decay": 0.0, **extra},
-    ]
-
-
-__all__ = ["L0Module", "MaskSpec", "mask_specs", "pruning_param_groups", "unwrap_l0", "DEFAULT_MODULES",
-           "MASK_TYPES", "VALID_MODULES"]
+__all__ = ["L0Module", "unwrap_l0"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from llmshearing.shape import ModelShape, ShapeError
+from llmshearing.models.shape import ModelShape, ShapeError
 
 log = logging.getLogger(__name__)
 

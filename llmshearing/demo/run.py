@@ -22,21 +22,26 @@ import torch
 from llmshearing.convert.checkpoint import load_model, save_model_dir
 from llmshearing.data.prep import prepare
 from llmshearing.data.tokenizer import train_tokenizer
-from llmshearing.demo_corpus import DOMAINS, build_corpus
-from llmshearing.demo_plan import DemoPlan, Run
-from llmshearing.demo_real import REAL_FULL, REAL_QUICK, stage_real_source
+from llmshearing.demo.corpus import DOMAINS, build_corpus
+from llmshearing.demo.plan import DemoPlan, Run
+from llmshearing.demo.real import REAL_FULL, REAL_QUICK, stage_real_source
+from llmshearing.demo.stages import (
+    evaluate,
+    model_dir_from_trainer,
+    target_losses,
+    train,
+    yaml_path,
+)
 from llmshearing.models.llama import LlamaForCausalLM
+from llmshearing.models.shape import format_params
 from llmshearing.pruning.export import export_pruned
-from llmshearing.reference_losses import domain_losses
-from llmshearing.shape import format_params
 
-# Composer (through llmshearing.config / .train) and transformers' models are imported inside the
+# Composer (through llmshearing.training.config / .train) and transformers' models are imported inside the
 # functions that use them: this module is imported by `llmshearing --help` and every sub-command
-# (it registers `demo`), and those imports cost seconds (measured: `import llmshearing.train` ~4 s
+# (it registers `demo`), and those imports cost seconds (measured: `import llmshearing.training.trainer` ~4 s
 # on 2 cores, against ~1.5 s for the whole `llmshearing --help`).
 
 MARKER = ".llmshearing-demo"
-REPO = Path(__file__).resolve().parents[1]
 
 
 # The source gets far more training than the pruning + continued pre-training budget, as a real
@@ -45,36 +50,6 @@ FULL = DemoPlan(chars_per_domain=1_500_000, vocab_size=1024, source_steps=1000, 
                 eval_seqs_per_domain=64)
 QUICK = DemoPlan(chars_per_domain=500_000, vocab_size=1024, source_steps=300, prune_steps=60, cpt_steps=60,
                  eval_seqs_per_domain=16)
-# ---- stages ------------------------------------------------------------------------------------
-def _yaml(name: str) -> Path:
-    p = REPO / "yamls" / "tiny" / name
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} not found: the demo runs from a source checkout (pip install -e .)")
-    return p
-
-
-def _train(yaml_name: str, overrides: list[str], loggers=(), callbacks=()):
-    from llmshearing.config import load_config
-    from llmshearing.train import build_trainer
-
-    cfg = load_config(_yaml(yaml_name), overrides)
-    trainer = build_trainer(cfg, extra_loggers=loggers, extra_callbacks=callbacks)
-    trainer.fit()
-    return trainer, cfg
-
-
-def _model_dir_from_trainer(trainer, out: Path) -> Path:
-    m = trainer.state.model.model
-    save_model_dir(m.state_dict(), m.config, out)
-    return out
-
-
-def evaluate(model, data_root: Path, seq_len: int, split: str = "eval") -> dict[str, float]:
-    """Token-averaged next-token loss per domain over the whole eval split."""
-    model.eval()
-    return domain_losses(model, data_root, DOMAINS, seq_len, split=split)
-
-
 def _plot(mem_logger, path: Path) -> bool:
     """Domain weights and expected sparsity over pruning steps, as a PNG."""
     try:
@@ -140,17 +115,17 @@ def _stage_data(r: Run, tok_dir: Path | None = None) -> tuple[dict[str, dict[str
 def _stage_source(r: Run) -> Path:
     """4: a source model trained well beyond the pruning + continued pre-training budget, as a real
     pretrained source is."""
-    from llmshearing.config import build_model_config
+    from llmshearing.training.config import build_model_config
 
     r.step(f"4/8 training the source model ({r.plan.source_steps} steps)")
     init_dir = r.out / "models" / "source-init"
     m = LlamaForCausalLM(build_model_config(_tiny_config("prune.yaml")))
     save_model_dir(m.state_dict(), m.config, init_dir)
     n = r.plan.source_steps
-    tr, _ = _train("cpt.yaml", [*r.common, f"model.path={init_dir}", "run_name=source", f"save_folder={r.out}/runs/source",
+    tr, _ = train("cpt.yaml", [*r.common, f"model.path={init_dir}", "run_name=source", f"save_folder={r.out}/runs/source",
                                 f"max_duration={n}ba", f"save_interval={n}ba", f"eval_interval={n}ba",
                                 "dynamic_loading=null", "data.proportions=[0.34,0.33,0.33]", "eval_first=false"])
-    src_dir = _model_dir_from_trainer(tr, r.out / "models" / "source")
+    src_dir = model_dir_from_trainer(tr, r.out / "models" / "source")
     tr.close()
     return src_dir
 
@@ -163,11 +138,11 @@ def _stage_prune(r: Run, src_dir: Path, ref: list[float]) -> tuple[Path, bool]:
     r.step(f"5/8 pruning {load_model(src_dir, weights=False).config.shape.summary()} -> target ({n} steps, "
            "dynamic loading)")
     mem = InMemoryLogger()
-    tr, pcfg = _train("prune.yaml", [
+    tr, pcfg = train("prune.yaml", [
         *r.common, f"model.path={src_dir}", "model.init=null", "run_name=prune", f"save_folder={r.out}/runs/prune",
         f"max_duration={n}ba", f"save_interval={n}ba", f"eval_interval={max(n // 5, 1)}ba",
         # reference losses: the source model's own (the maintainers' suggestion when no scaling law is at hand)
-        _target_losses(ref), *r.prune_extra,
+        target_losses(ref), *r.prune_extra,
     ], loggers=[mem])
     tr.close()
     return Path(pcfg.save_folder) / "latest-rank0.pt", _plot(mem, r.out / "pruning.png")
@@ -180,10 +155,10 @@ def _stage_continue(r: Run, pruned_dir: Path, ref: list[float], weights: dict[st
     n = r.plan.cpt_steps
     r.step(f"7/8 continued pre-training of the cut model ({n} steps) and the from-scratch baseline")
     # the cut model dir carries the pruning run's final mixture: tiny/cpt.yaml starts from it (from_model)
-    tr, ccfg = _train("cpt.yaml", [*r.common, f"model.path={pruned_dir}", "run_name=cpt",
+    tr, ccfg = train("cpt.yaml", [*r.common, f"model.path={pruned_dir}", "run_name=cpt",
                                    f"save_folder={r.out}/runs/cpt", f"max_duration={n}ba", f"save_interval={n}ba",
-                                   f"eval_interval={n}ba", _target_losses(ref)])
-    cont_dir = _model_dir_from_trainer(tr, r.out / "models" / "continued")
+                                   f"eval_interval={n}ba", target_losses(ref)])
+    cont_dir = model_dir_from_trainer(tr, r.out / "models" / "continued")
     tr.close()
     scratch_steps = r.plan.prune_steps + n
     scratch_init = r.out / "models" / "scratch-init"
@@ -191,25 +166,21 @@ def _stage_continue(r: Run, pruned_dir: Path, ref: list[float], weights: dict[st
     m = LlamaForCausalLM(load_model(pruned_dir, weights=False).config)
     save_model_dir(m.state_dict(), m.config, scratch_init)
     props = ",".join(repr(w) for w in weights.values())  # full precision: the config checks sum == 1
-    tr, _ = _train("cpt.yaml", [*r.common, f"model.path={scratch_init}", "run_name=scratch",
+    tr, _ = train("cpt.yaml", [*r.common, f"model.path={scratch_init}", "run_name=scratch",
                                 f"save_folder={r.out}/runs/scratch", f"max_duration={scratch_steps}ba",
                                 f"save_interval={scratch_steps}ba", f"eval_interval={scratch_steps}ba",
-                                f"data.proportions=[{props}]", _target_losses(ref)])
-    scratch_dir = _model_dir_from_trainer(tr, r.out / "models" / "scratch")
+                                f"data.proportions=[{props}]", target_losses(ref)])
+    scratch_dir = model_dir_from_trainer(tr, r.out / "models" / "scratch")
     tr.close()
     return Path(ccfg.save_folder) / "latest-rank0.pt", cont_dir, scratch_dir
 
 
-def _target_losses(ref: list[float]) -> str:
-    return f"dynamic_loading.target_losses=[{','.join(f'{x:.4f}' for x in ref)}]"
-
-
 def _tiny_config(name: str, overrides: tuple[str, ...] = ()):
     """A tiny yaml as loaded with placeholder paths (for its shapes and batch sizes)."""
-    from llmshearing.config import load_config
+    from llmshearing.training.config import load_config
 
     paths = ["data.root=x", "model.path=x"] if name == "cpt.yaml" else ["data.root=x"]
-    return load_config(_yaml(name), paths + list(overrides))
+    return load_config(yaml_path(name), paths + list(overrides))
 
 
 def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = False,
@@ -318,14 +289,14 @@ def register(subparsers) -> None:
                         "an llmshearing model dir, with its tokenizer (--quick: ~10 min on CPU for a 135M model)")
     p.add_argument("--compare", action="store_true",
                    help="then compare recovery recipes on the cut model at equal tokens (LM + DoReMi, distillation + "
-                        "teacher-gap mixing, distillation + constant mixture, LM + stratified; see llmshearing.recovery)")
+                        "teacher-gap mixing, distillation + constant mixture, LM + stratified; see llmshearing.demo.recovery)")
     p.set_defaults(func=_run_cli)
 
 
 def _run_cli(a) -> int:
     run_demo(a.out, quick=a.quick, keep=a.keep, source=a.source)
     if a.compare:
-        from llmshearing.recovery import compare, format_comparison, plot
+        from llmshearing.demo.recovery import compare, format_comparison, plot
 
         r = compare(a.out)
         plot(r, Path(a.out) / "recovery.png")

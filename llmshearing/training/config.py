@@ -18,12 +18,17 @@ from composer.core import Time, TimeUnit
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llmshearing.convert.checkpoint import DOMAIN_WEIGHTS_NAME, CheckpointError, load_domain_weights, read_handover
+from llmshearing.convert.checkpoint import (
+    DOMAIN_WEIGHTS_NAME,
+    CheckpointError,
+    load_domain_weights,
+    read_handover,
+)
 from llmshearing.convert.model_source import source_config
 from llmshearing.data.manifest import load_manifest
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, Divergence
-from llmshearing.shape import ModelShape, ShapeError
+from llmshearing.models.shape import ModelShape, ShapeError
 
 
 class ConfigError(ValueError):
@@ -148,7 +153,7 @@ class SchedulerSection:
 
 @dataclass
 class FSDPSection:
-    """FSDP2 (`llmshearing.sharding`): every decoder layer and the L0 module (always fp32) their own
+    """FSDP2 (`llmshearing.models.sharding`): every decoder layer and the L0 module (always fp32) their own
     units, parameters sharded over all ranks. On CPU (gloo) as on GPU (nccl). Setting any `fsdp.*` key
     on the command line turns it on with these defaults for the others."""
     reshard_after_forward: bool = True  # True: FULL_SHARD; False: keep gathered until backward (SHARD_GRAD_OP)

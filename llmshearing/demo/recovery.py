@@ -13,7 +13,7 @@ beside them. Per domain: eval loss and the gap to the teacher (the source); plus
 with and without the teacher and the teacher's weight bytes (what distillation costs).
 
     llmshearing demo --out demo_out --compare      # runs this after the demo
-    python -m llmshearing.recovery demo_out [--steps N] [--out F.json]
+    python -m llmshearing.demo.recovery demo_out [--steps N] [--out F.json]
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from typing import Any
 from composer.core import Callback
 
 from llmshearing.convert.checkpoint import load_model
-from llmshearing.demo_corpus import DOMAINS
+from llmshearing.demo.corpus import DOMAINS
+from llmshearing.demo.stages import (
+    evaluate,
+    model_dir_from_trainer,
+    target_losses,
+    train,
+)
 
 RECIPES: dict[str, list[str]] = {
     "lm_doremi": [],
@@ -52,24 +58,22 @@ class _StepTimer(Callback):
 
 
 def compare(demo_out: str | Path, steps: int | None = None) -> dict[str, Any]:
-    from llmshearing.demo import _model_dir_from_trainer, _target_losses, _train, evaluate  # the demo's own stages
-
     root = Path(demo_out).resolve()
     res = json.loads((root / "results.json").read_text())
     steps = steps or res["steps"]["continued"]
     data, seq_len = root / "data", json.loads((root / "data" / "manifest.json").read_text())["seq_len"]
-    ref = _target_losses([res["losses"]["source"][d] for d in DOMAINS])  # the source's own losses
+    ref = target_losses([res["losses"]["source"][d] for d in DOMAINS])  # the source's own losses
     teacher = root / "models" / "source"
     out: dict[str, Any] = {"demo_out": str(root), "steps": steps, "teacher": str(teacher), "recipes": {}}
     for name, extra in RECIPES.items():
         timer = _StepTimer()
-        tr, _ = _train("cpt.yaml", [
+        tr, _ = train("cpt.yaml", [
             f"data.root={data}", "loggers.console=false", "autoresume=false", f"model.path={root / 'models' / 'pruned'}",
             f"run_name=recover-{name}", f"save_folder={root}/runs/recover-{name}", f"max_duration={steps}ba",
             f"save_interval={steps}ba", f"eval_interval={max(steps // 4, 1)}ba", ref,
             *(e.replace("distill={", f"distill={{teacher: {teacher}, ") for e in extra),
         ], callbacks=[timer])
-        model_dir = _model_dir_from_trainer(tr, root / "models" / f"recover-{name}")
+        model_dir = model_dir_from_trainer(tr, root / "models" / f"recover-{name}")
         tr.close()
         losses = evaluate(load_model(model_dir), data, seq_len)
         out["recipes"][name] = {"losses": losses, "mean": statistics.fmean(losses.values()),

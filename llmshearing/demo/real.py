@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmshearing.convert.checkpoint import load_model
-from llmshearing.demo_plan import DemoPlan, Run
-from llmshearing.shape import ModelShape
+from llmshearing.demo.plan import DemoPlan, Run
+from llmshearing.models.shape import ModelShape
 
 # A real pretrained source (`--source`): no source training; a pretrained model's weights take a
 # small learning rate, the masks and multipliers the paper's (lag_lr 1.0) with a short sparsity
@@ -46,7 +46,11 @@ def stage_real_source(r: Run, source: Path) -> Path:
     """4 (real source): the source as our model dir with its tokenizer (a GGUF file or an HF dir is
     converted first), and the pruning target of about 40% of its parameters."""
     from llmshearing.convert.gguf import convert_gguf_to_llmshearing, is_gguf_file
-    from llmshearing.convert.hf import convert_hf_to_llmshearing, copy_tokenizer, is_hf_model_dir
+    from llmshearing.convert.hf import (
+        convert_hf_to_llmshearing,
+        copy_tokenizer,
+        is_hf_model_dir,
+    )
 
     src_dir = r.out / "models" / "source"
     if is_gguf_file(source):

@@ -9,7 +9,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llmshearing.config import (
+from llmshearing.convert.checkpoint import CheckpointError
+from llmshearing.convert.model_source import (
+    check_weight_files,
+    describe_expected,
+    is_model_source,
+    source_config,
+)
+from llmshearing.data.integrity import DataIntegrityError, check_shards
+from llmshearing.data.manifest import check_manifest, load_manifest
+from llmshearing.data.sampler import validate_proportions
+from llmshearing.models.config import ModelConfig
+from llmshearing.models.shape import ShapeError
+from llmshearing.pruning.target import validate_target
+from llmshearing.training.config import (
     FROM_MODEL,
     ConfigError,
     TrainConfig,
@@ -19,14 +32,6 @@ from llmshearing.config import (
     resolve_teacher,
     time_in_batches,
 )
-from llmshearing.convert.checkpoint import CheckpointError
-from llmshearing.convert.model_source import check_weight_files, describe_expected, is_model_source, source_config
-from llmshearing.data.integrity import DataIntegrityError, check_shards
-from llmshearing.data.manifest import check_manifest, load_manifest
-from llmshearing.data.sampler import validate_proportions
-from llmshearing.models.config import ModelConfig
-from llmshearing.pruning.target import validate_target
-from llmshearing.shape import ShapeError
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Build the launch commands for one node or a Slurm allocation (and print them with --dry-run).
 
-Slurm layout: one `srun` task per node; each task runs `python -m llmshearing.launch node ...`,
+Slurm layout: one `srun` task per node; each task runs `python -m llmshearing.training.launch node ...`,
 which reads its own SLURM_NODEID and execs the `composer` launcher with the world size, node
 rank and master address, which in turn starts one training process per GPU.
 
-    python -m llmshearing.launch slurm  [--dry-run] CONFIG.yaml [key=value ...]   # inside sbatch
-    python -m llmshearing.launch single [--dry-run] CONFIG.yaml [key=value ...]   # one machine
+    python -m llmshearing.training.launch slurm  [--dry-run] CONFIG.yaml [key=value ...]   # inside sbatch
+    python -m llmshearing.training.launch single [--dry-run] CONFIG.yaml [key=value ...]   # one machine
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def composer_command(c: Cluster, node_rank: int | str, train_args: list[str]) ->
 
 def srun_command(c: Cluster, train_args: list[str]) -> list[str]:
     return ["srun", f"--nodes={c.nnodes}", "--ntasks-per-node=1", f"--gpus-per-node={c.gpus_per_node}",
-            sys.executable, "-m", "llmshearing.launch", "node", "--nnodes", str(c.nnodes),
+            sys.executable, "-m", "llmshearing.training.launch", "node", "--nnodes", str(c.nnodes),
             "--gpus-per-node", str(c.gpus_per_node), "--master-addr", c.master_addr,
             "--master-port", str(c.master_port), "--", *train_args]
 
@@ -86,7 +86,7 @@ def _gpus_here() -> int:
 
 def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
     env = dict(os.environ if env is None else env)
-    p = argparse.ArgumentParser(prog="python -m llmshearing.launch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m llmshearing.training.launch", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="mode", required=True)
     for mode in ("slurm", "single"):
         sp = sub.add_parser(mode)

@@ -22,7 +22,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from llmshearing.convert.checkpoint import DCP_METADATA  # written by torch.distributed.checkpoint after every shard
+from llmshearing.convert.checkpoint import (
+    DCP_METADATA,  # written by torch.distributed.checkpoint after every shard
+)
 
 log = logging.getLogger(__name__)
 

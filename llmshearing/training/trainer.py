@@ -22,14 +22,21 @@ from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from streaming.base.util import clean_stale_shared_memory
 
-from llmshearing import sharding
-from llmshearing.callbacks.gradients import FinishGradients
 from llmshearing.callbacks.distillation import DistillationCallback
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshearing.callbacks.gradients import FinishGradients
 from llmshearing.callbacks.guard import LossGuard, NonFiniteLossError
 from llmshearing.callbacks.model_info import ModelInfo
 from llmshearing.callbacks.pruning import PruningCallback
-from llmshearing.config import (
+from llmshearing.convert.model_source import load_source_model
+from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
+from llmshearing.logs import setup_logging
+from llmshearing.models import sharding
+from llmshearing.models.composer_model import ComposerLlama
+from llmshearing.models.llama import LlamaForCausalLM
+from llmshearing.pruning.l0 import L0Module
+from llmshearing.pruning.param_groups import pruning_param_groups
+from llmshearing.training.config import (
     ConfigError,
     TrainConfig,
     build_model_config,
@@ -40,16 +47,14 @@ from llmshearing.config import (
     time_in_batches,
     to_yaml,
 )
-from llmshearing.config_checks import validate
-from llmshearing.convert.model_source import load_source_model
-from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
-from llmshearing.logs import setup_logging
-from llmshearing.models.composer_model import ComposerLlama
-from llmshearing.models.llama import LlamaForCausalLM
-from llmshearing.pruning.l0 import L0Module, pruning_param_groups
-from llmshearing.resume import SAVED_CONFIG, check_unchanged, repair_latest_link
+from llmshearing.training.config_checks import validate
+from llmshearing.training.resume import (
+    SAVED_CONFIG,
+    check_unchanged,
+    repair_latest_link,
+)
 
-log = logging.getLogger("llmshearing.train")
+log = logging.getLogger("llmshearing.training.trainer")
 
 
 def init_distributed(device: str, timeout: float) -> tuple[int, int]:
@@ -119,7 +124,7 @@ def shard_llama_from_rank0(cfg: TrainConfig, model: LlamaForCausalLM, device: st
 
 
 def shard_model(cfg: TrainConfig, composer_model: ComposerLlama, device: str, precision: str, rank: int) -> None:
-    """FSDP2 (see `llmshearing.sharding`): the model's units in the run's mixed precision, the L0 module
+    """FSDP2 (see `llmshearing.models.sharding`): the model's units in the run's mixed precision, the L0 module
     in fp32, rank 0's weights scattered to every rank's shard. Composer then finds the model sharded:
     its own FSDP2 pass is told to wrap nothing more (`_fsdp_wrap = False` on the two children, the
     attribute its wrap policy reads first), and only saves, loads and skips DDP."""
@@ -251,7 +256,7 @@ def build_scheduler(cfg: TrainConfig) -> CosineAnnealingWithWarmupScheduler:
 
 def _prepare_save_folder(cfg: TrainConfig, rank: int) -> None:
     """Before the Trainer autoresumes: refuse a resume under a changed config, repair the latest
-    link after an interrupted save (see llmshearing.resume), then record this launch's config."""
+    link after an interrupted save (see llmshearing.training.resume), then record this launch's config."""
     folder = Path(cfg.save_folder)
     problem = [None]
     if cfg.autoresume and rank == 0 and folder.is_dir():

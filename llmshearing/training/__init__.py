@@ -1,0 +1,1 @@
+"""Training: the run config (schema + checks), the Trainer builder (FSDP2/DDP), resume, launch, reference losses."""
