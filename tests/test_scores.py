@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 from _hf_helpers import hf_model, ours_from_hf
 
+from llmshearing.pruning.score_init import init_from_scores_
 from llmshearing.pruning.scores import compute_scores
 
 BATCHES = [torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(4)]
@@ -101,6 +102,12 @@ def test_scores_leave_the_model_unchanged_and_hookless(models):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in ours.modules())
 
 
+def _l0(src):
+    from llmshearing.pruning.l0 import L0Module
+
+    return L0Module(src, src.replace(d_model=48, n_heads=1, n_kv_heads=1, n_layers=1, intermediate_size=64), seed=0)
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -118,8 +125,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     sharded = ours_from_hf(hf).double()
     sharding.shard_llama(sharded, sharding.device_mesh("cpu"), sharding.MixedPrecisionPolicy(
         param_dtype=torch.float64, reduce_dtype=torch.float64))
-    res["fsdp"] = {k: v.tolist() if isinstance(v, torch.Tensor) else v
-                   for k, v in compute_scores(sharded, mine, progress=False).state_dict().items()}
+    scores = compute_scores(sharded, mine, progress=False)
+    res["fsdp"] = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in scores.state_dict().items()}
+    # score init written into an FSDP2-sharded L0 unit (each rank its shard), read back whole
+    l0 = _l0(ours.config.shape)
+    sharding.shard_fp32(l0, sharding.device_mesh("cpu"))
+    init_from_scores_(l0, scores)
+    with sharding.full_params(l0):
+        res["l0_masks"] = {k: v.tolist() for k, v in l0.eval().deterministic_masks(target=True).state_dict().items()}
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
@@ -131,6 +144,10 @@ def test_two_ranks_equal_one_rank_over_the_same_batches(tmp_path):
                        start_method="spawn", join=True)
     hf = hf_model("llama", num_key_value_heads=2)
     one = compute_scores(ours_from_hf(hf).double(), BATCHES, progress=False)
+    l0 = _l0(one_shape := ours_from_hf(hf).config.shape)
+    init_from_scores_(l0, one)
+    ref_masks = l0.eval().deterministic_masks(target=True).state_dict()
+    assert set(_l0(one_shape).specs) == {"layer", "kv_group", "query_head", "intermediate", "hidden"}
     for r in range(2):
         got = json.loads((tmp_path / f"rank{r}.json").read_text())
         for res in (got, got["fsdp"]):
@@ -139,3 +156,7 @@ def test_two_ranks_equal_one_rank_over_the_same_batches(tmp_path):
                 # fp64 sums added in another order: equal to ~1e-15 relative
                 torch.testing.assert_close(torch.tensor(res[name], dtype=torch.float64), getattr(one, name),
                                            rtol=1e-12, atol=0)
+        # the sharded L0 unit's step-0 masks == the unsharded one's, bit for bit
+        assert got["l0_masks"].keys() == ref_masks.keys()
+        for k, v in ref_masks.items():
+            assert torch.equal(torch.tensor(got["l0_masks"][k]), v), k

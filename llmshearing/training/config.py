@@ -61,6 +61,11 @@ class StateDictType(str, Enum):
     sharded = "sharded"  # one folder per checkpoint, every rank writes its shard (torch.distributed.checkpoint)
 
 
+class PruningInit(str, Enum):
+    uniform = "uniform"  # the paper's: every log_alpha from N(5, 0.01), clamped
+    scores = "scores"  # from importance scores of the run's train data (pruning/score_init.py)
+
+
 class OnExhausted(str, Enum):
     stop = "stop"
     repeat = "repeat"
@@ -98,6 +103,9 @@ class PruningSection:
     lag_lr: float = 1.0
     lag_betas: Optional[list[float]] = None  # Adam betas of masks + multipliers (None: optimizer.betas)
     eval_target_model: bool = False
+    init: PruningInit = PruningInit.uniform  # scores: the step-0 masks keep the top-scoring units
+    init_batches: int = 8  # calibration global batches of the train data (init: scores)
+    init_margin: float = 2.0  # log_alpha gap between the lowest kept and highest dropped unit (init: scores)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from llmshearing.callbacks.gradients import FinishGradients
 from llmshearing.callbacks.guard import LossGuard, NonFiniteLossError
 from llmshearing.callbacks.model_info import ModelInfo
 from llmshearing.callbacks.pruning import PruningCallback
+from llmshearing.callbacks.score_init import ScoreInitCallback
 from llmshearing.convert.model_source import load_source_model
 from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
 from llmshearing.logs import setup_logging
@@ -186,6 +187,9 @@ def build_callbacks(cfg: TrainConfig, composer_model, sharded: bool = False, dev
     if cfg.pruning is not None:
         cbs.append(PruningCallback(save_folder=cfg.save_folder,
                                    log_interval=time_in_batches(cfg.loggers.console_interval, "loggers.console_interval")))
+        if cfg.pruning.init == "scores":
+            cbs.append(ScoreInitCallback(cfg.pruning.init_batches, cfg.global_train_batch_size,
+                                         cfg.device_train_microbatch_size, cfg.seed, cfg.pruning.init_margin))
     mixing = None
     if cfg.dynamic_loading is not None:
         dl = cfg.dynamic_loading
