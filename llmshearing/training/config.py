@@ -29,6 +29,7 @@ from llmshearing.data.manifest import load_manifest
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, Divergence
 from llmshearing.models.shape import ModelShape, ShapeError
+from llmshearing.pruning import budget
 
 
 class ConfigError(ValueError):
@@ -337,11 +338,24 @@ def resolve_teacher(cfg: TrainConfig) -> str:
                       "model.path of a pruning run, or the source recorded next to a prune-export output)")
 
 
-def pruning_target(source, target: dict[str, Any]):
-    """Target ModelShape: keys not given copy the source (vocab, head_dim, tie flag, biases)."""
+def pruning_target(source, target: dict[str, Any], modules=("layer", "head", "intermediate", "hidden")):
+    """Target ModelShape: keys not given copy the source (vocab, head_dim, tie flag, biases); a budget
+    (`params` or `params_fraction`, see `pruning/budget.py`) resolves to a shape by its rule."""
+    if budget.is_budget(dict(target)):
+        return budget.resolve_budget(source, dict(target), modules)
     d = source.to_dict()
     unknown = set(target) - set(d)
     if unknown:
         raise ShapeError(f"unknown target keys {sorted(unknown)}; valid: {sorted(d)}")
     d.update(dict(target))
     return type(source).from_dict(d)
+
+
+def budget_report(cfg: TrainConfig) -> str | None:
+    """For a budget target, the line that states the shape it resolved to and its exact parameter count
+    (printed before any model is built); None for an explicit target or no pruning."""
+    if cfg.pruning is None or not budget.is_budget(dict(cfg.pruning.target)):
+        return None
+    src = build_model_config(cfg).shape
+    target = dict(cfg.pruning.target)
+    return budget.describe(src, target, pruning_target(src, target, list(cfg.pruning.modules)))

@@ -207,7 +207,7 @@ def _check_pruning(cfg: TrainConfig, max_ba: int, src_cfg: ModelConfig | None) -
         return
     src = src_cfg.shape
     try:
-        target = pruning_target(src, pr.target)
+        target = pruning_target(src, pr.target, list(pr.modules))
     except (ShapeError, TypeError) as e:
         raise ConfigError(f"config key 'pruning.target': {e}") from e
     try:
