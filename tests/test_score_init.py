@@ -108,7 +108,8 @@ def data_root(tmp_path_factory):
 def test_pruning_run_starts_from_the_scores(data_root, tmp_path):
     from _tiny_data import TINY_PRUNE
 
-    from llmshearing.callbacks.score_init import ScoreInitCallback, calibration_ids
+    from llmshearing.callbacks.score_init import ScoreInitCallback
+    from llmshearing.pruning.scores import calibration_ids
     from llmshearing.models.llama import LlamaForCausalLM
     from llmshearing.training.config import build_model_config, load_config, pruning_target
     from llmshearing.training.trainer import build_trainer

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
@@ -27,21 +26,9 @@ from composer.utils import dist
 
 from llmshearing.callbacks.pruning import find_l0
 from llmshearing.pruning.score_init import DEFAULT_MARGIN, init_from_scores_
-from llmshearing.pruning.scores import compute_scores
+from llmshearing.pruning.scores import score_rows
 
 log = logging.getLogger(__name__)
-
-
-def calibration_ids(n_rows: int, n_batches: int, global_batch: int, seed: int, rank: int, world: int) -> list[np.ndarray]:
-    """Per global batch, this rank's dataset ids (see the module docstring)."""
-    if global_batch % world:
-        raise ValueError(f"global batch {global_batch} does not divide over {world} ranks")
-    perm = np.random.default_rng(seed).permutation(n_rows)
-    need = n_batches * global_batch
-    if need > n_rows:
-        raise ValueError(f"score init wants {n_batches} batches x {global_batch} rows, the train data has {n_rows}")
-    per = global_batch // world
-    return [perm[b * global_batch + rank * per: b * global_batch + (rank + 1) * per] for b in range(n_batches)]
 
 
 def _llama(model: torch.nn.Module):
@@ -75,17 +62,10 @@ class ScoreInitCallback(Callback):
             log.info("score init skipped: resumed at batch %d (masks come from the checkpoint)",
                      int(state.timestamp.batch))
             return
-        dataset = state.train_dataloader.dataset
-        ids = calibration_ids(len(dataset), self.n_batches, self.global_batch_size, self.seed,
-                              dist.get_global_rank(), dist.get_world_size())
-        micro = [chunk for rows in ids for chunk in np.array_split(rows, max(1, -(-len(rows) // self.microbatch_size)))]
-
-        def batches():
-            for rows in micro:
-                yield torch.stack([dataset[int(i)]["input_ids"] for i in rows])
-
         model = _llama(state.model)
-        scores = compute_scores(model, batches(), total=len(micro), progress=dist.get_global_rank() == 0)
+        scores = score_rows(model, state.train_dataloader.dataset, self.n_batches, self.global_batch_size,
+                            self.microbatch_size, self.seed, dist.get_global_rank(), dist.get_world_size(),
+                            progress=dist.get_global_rank() == 0)
         _, l0 = find_l0(state.model)
         init_from_scores_(l0, scores, margin=self.margin)
         self.scores = scores

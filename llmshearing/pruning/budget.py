@@ -123,6 +123,21 @@ def tolerance(shape: ModelShape, source_width: int | None = None) -> int:
     return int(shape.n_layers * shape.params_per_channel() * step / 2)
 
 
+def resolve_target(source: ModelShape, target: dict[str, Any],
+                   modules: Iterable[str] = ("layer", "head", "intermediate", "hidden")) -> ModelShape:
+    """Target ModelShape of a target dict: a budget by the rule above, or explicit ModelShape keys
+    (keys not given copy the source: vocab, head_dim, tie flag, biases)."""
+    target = dict(target)
+    if is_budget(target):
+        return resolve_budget(source, target, modules)
+    d = source.to_dict()
+    unknown = set(target) - set(d)
+    if unknown:
+        raise ShapeError(f"unknown target keys {sorted(unknown)}; valid: {sorted(d)} or a budget {list(BUDGET_KEYS)}")
+    d.update(target)
+    return ModelShape.from_dict(d)
+
+
 def describe(source: ModelShape, target: dict[str, Any], shape: ModelShape) -> str:
     """One line for the run's log: the budget, the shape it resolved to, its exact parameter count."""
     b = budget_params(source, target)

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
@@ -161,6 +162,34 @@ def compute_scores(model: LlamaForCausalLM, batches: Iterable[torch.Tensor], *, 
         raise ValueError("compute_scores got no calibration tokens")
     return ImportanceScores(heads=heads / t, intermediate=inter / t, hidden=hidden / t, layers=layers / t,
                             tokens=int(t))
+
+
+def calibration_ids(n_rows: int, n_batches: int, global_batch: int, seed: int, rank: int, world: int) -> list[np.ndarray]:
+    """Per global batch, this rank's dataset ids (the calibration rows of score init and of
+    the one-shot cut): the first n_batches * global_batch ids of a permutation of all rows seeded by `seed`,
+    rank r taking rows [r * B/W, (r + 1) * B/W) of every global batch, so any world size scores the same rows."""
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} does not divide over {world} ranks")
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    need = n_batches * global_batch
+    if need > n_rows:
+        raise ValueError(f"score init wants {n_batches} batches x {global_batch} rows, the train data has {n_rows}")
+    per = global_batch // world
+    return [perm[b * global_batch + rank * per: b * global_batch + (rank + 1) * per] for b in range(n_batches)]
+
+
+def score_rows(model: LlamaForCausalLM, dataset: Any, n_batches: int, global_batch: int, microbatch: int,
+               seed: int, rank: int = 0, world: int = 1, progress: bool = True) -> ImportanceScores:
+    """`compute_scores` over the calibration rows (`calibration_ids`) of a map-style dataset of
+    {'input_ids': [S]} rows (the train data's MixtureDataset), this rank's rows in micro-batches."""
+    ids = calibration_ids(len(dataset), n_batches, global_batch, seed, rank, world)
+    micro = [rows[i:i + microbatch] for rows in ids for i in range(0, len(rows), max(1, microbatch))]
+
+    def batches() -> Iterator[torch.Tensor]:
+        for rows in micro:
+            yield torch.stack([dataset[int(i)]["input_ids"] for i in rows])
+
+    return compute_scores(model, batches(), total=len(micro), progress=progress)
 
 
 @contextlib.contextmanager

@@ -340,15 +340,8 @@ def resolve_teacher(cfg: TrainConfig) -> str:
 
 def pruning_target(source, target: dict[str, Any], modules=("layer", "head", "intermediate", "hidden")):
     """Target ModelShape: keys not given copy the source (vocab, head_dim, tie flag, biases); a budget
-    (`params` or `params_fraction`, see `pruning/budget.py`) resolves to a shape by its rule."""
-    if budget.is_budget(dict(target)):
-        return budget.resolve_budget(source, dict(target), modules)
-    d = source.to_dict()
-    unknown = set(target) - set(d)
-    if unknown:
-        raise ShapeError(f"unknown target keys {sorted(unknown)}; valid: {sorted(d)}")
-    d.update(dict(target))
-    return type(source).from_dict(d)
+    (`params` or `params_fraction`) resolves to a shape by its rule (`pruning/budget.py`)."""
+    return budget.resolve_target(source, dict(target), modules)
 
 
 def budget_report(cfg: TrainConfig) -> str | None:
