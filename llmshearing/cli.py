@@ -14,6 +14,7 @@ import sys
 COMMANDS = [
     ("llmshearing.convert.cli", "convert weights between Hugging Face and llmshearing"),
     ("llmshearing.pruning.export", "cut a pruning checkpoint to a dense model of the target shape"),
+    ("llmshearing.pruning.oneshot", "cut a model to the target shape by importance scores alone (baseline)"),
     ("llmshearing.data.cli", "tokenize raw documents per domain into MDS shards"),
     ("llmshearing.training.reference_losses", "per-domain reference losses for dynamic batch loading (eval, scaling-law fit)"),
     ("llmshearing.demo.run", "run the tiny end-to-end shearing pipeline on CPU"),

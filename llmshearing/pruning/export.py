@@ -99,12 +99,20 @@ def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path
         log.warning("target asks tie_embeddings=%s but the cut model has %s (hidden mask values folded into the "
                     "embedding)", want.tie_embeddings, got.tie_embeddings)
 
+    return write_cut(cut, report, out_dir, hf_dir, tokenizer_dir, final_weights, str(ckpt_path), source_model)
+
+
+def write_cut(cut, report: dict[str, Any], out_dir: str | Path, hf_dir: str | Path | None,
+              tokenizer_dir: str | Path | None, weights: dict[str, float] | None, source: str,
+              source_model: str | None) -> dict[str, Any]:
+    """What every cut leaves behind (prune-export, prune-oneshot): our model dir, the domain weights
+    continued pre-training starts from (`data.proportions: from_model`), optionally an HF dir."""
     sd = cut.state_dict()
     save_model_dir(sd, cut.config, out_dir)
     report["out_dir"] = str(out_dir)
-    if final_weights is not None:  # continued pre-training starts from them (data.proportions: from_model)
-        save_domain_weights(out_dir, final_weights, source=str(ckpt_path), source_model=source_model)
-        report["domain_weights"] = final_weights
+    if weights is not None:
+        save_domain_weights(out_dir, weights, source=source, source_model=source_model)
+        report["domain_weights"] = weights
     if hf_dir is not None:
         from llmshearing.convert.hf import (
             export_to_hf,  # lazy: optional path, heavier imports

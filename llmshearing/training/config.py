@@ -29,6 +29,7 @@ from llmshearing.data.manifest import load_manifest
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, Divergence
 from llmshearing.models.shape import ModelShape, ShapeError
+from llmshearing.pruning import budget
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,11 @@ class MixedPrecision(str, Enum):
 class StateDictType(str, Enum):
     full = "full"  # one checkpoint file, gathered on rank 0
     sharded = "sharded"  # one folder per checkpoint, every rank writes its shard (torch.distributed.checkpoint)
+
+
+class PruningInit(str, Enum):
+    uniform = "uniform"  # the paper's: every log_alpha from N(5, 0.01), clamped
+    scores = "scores"  # from importance scores of the run's train data (pruning/score_init.py)
 
 
 class OnExhausted(str, Enum):
@@ -98,6 +104,9 @@ class PruningSection:
     lag_lr: float = 1.0
     lag_betas: Optional[list[float]] = None  # Adam betas of masks + multipliers (None: optimizer.betas)
     eval_target_model: bool = False
+    init: PruningInit = PruningInit.uniform  # scores: the step-0 masks keep the top-scoring units
+    init_batches: int = 8  # calibration global batches of the train data (init: scores)
+    init_margin: float = 2.0  # log_alpha gap between the lowest kept and highest dropped unit (init: scores)
 
 
 @dataclass
@@ -329,11 +338,17 @@ def resolve_teacher(cfg: TrainConfig) -> str:
                       "model.path of a pruning run, or the source recorded next to a prune-export output)")
 
 
-def pruning_target(source, target: dict[str, Any]):
-    """Target ModelShape: keys not given copy the source (vocab, head_dim, tie flag, biases)."""
-    d = source.to_dict()
-    unknown = set(target) - set(d)
-    if unknown:
-        raise ShapeError(f"unknown target keys {sorted(unknown)}; valid: {sorted(d)}")
-    d.update(dict(target))
-    return type(source).from_dict(d)
+def pruning_target(source, target: dict[str, Any], modules=("layer", "head", "intermediate", "hidden")):
+    """Target ModelShape: keys not given copy the source (vocab, head_dim, tie flag, biases); a budget
+    (`params` or `params_fraction`) resolves to a shape by its rule (`pruning/budget.py`)."""
+    return budget.resolve_target(source, dict(target), modules)
+
+
+def budget_report(cfg: TrainConfig) -> str | None:
+    """For a budget target, the line that states the shape it resolved to and its exact parameter count
+    (printed before any model is built); None for an explicit target or no pruning."""
+    if cfg.pruning is None or not budget.is_budget(dict(cfg.pruning.target)):
+        return None
+    src = build_model_config(cfg).shape
+    target = dict(cfg.pruning.target)
+    return budget.describe(src, target, pruning_target(src, target, list(cfg.pruning.modules)))

@@ -195,6 +195,11 @@ def _check_pruning(cfg: TrainConfig, max_ba: int, src_cfg: ModelConfig | None) -
         raise ConfigError("config key 'pruning.lag_lr': must be > 0 (the multipliers use -lag_lr for ascent)")
     if pr.lag_betas is not None and (len(pr.lag_betas) != 2 or not all(0 <= b < 1 for b in pr.lag_betas)):
         raise ConfigError(f"config key 'pruning.lag_betas': two numbers in [0, 1), got {pr.lag_betas}")
+    if pr.init == "scores" and pr.init_batches < 1:
+        raise ConfigError(f"config key 'pruning.init_batches': >= 1 calibration batch, got {pr.init_batches}")
+    if pr.init == "scores" and not 0 < pr.init_margin <= 8.0:
+        raise ConfigError(f"config key 'pruning.init_margin': in (0, 8] (log_alpha lives in [-4.6, 4.6]), "
+                          f"got {pr.init_margin}")
     w = time_in_batches(pr.lagrangian_warmup, "pruning.lagrangian_warmup", max_ba)
     if w > max_ba:
         raise ConfigError(f"config key 'pruning.lagrangian_warmup': {w} batches is longer than max_duration ({max_ba})")
@@ -202,7 +207,7 @@ def _check_pruning(cfg: TrainConfig, max_ba: int, src_cfg: ModelConfig | None) -
         return
     src = src_cfg.shape
     try:
-        target = pruning_target(src, pr.target)
+        target = pruning_target(src, pr.target, list(pr.modules))
     except (ShapeError, TypeError) as e:
         raise ConfigError(f"config key 'pruning.target': {e}") from e
     try:

@@ -28,6 +28,7 @@ from llmshearing.callbacks.gradients import FinishGradients
 from llmshearing.callbacks.guard import LossGuard, NonFiniteLossError
 from llmshearing.callbacks.model_info import ModelInfo
 from llmshearing.callbacks.pruning import PruningCallback
+from llmshearing.callbacks.score_init import ScoreInitCallback
 from llmshearing.convert.model_source import load_source_model
 from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
 from llmshearing.logs import setup_logging
@@ -39,6 +40,7 @@ from llmshearing.pruning.param_groups import pruning_param_groups
 from llmshearing.training.config import (
     ConfigError,
     TrainConfig,
+    budget_report,
     build_model_config,
     load_config,
     pruning_target,
@@ -101,7 +103,7 @@ def build_model(cfg: TrainConfig, rank: int = 0, world_size: int = 1, sharded: b
         max_ba = time_in_batches(cfg.max_duration, "max_duration")
         l0 = L0Module(
             source=model.config.shape,
-            target=pruning_target(model.config.shape, cfg.pruning.target),
+            target=pruning_target(model.config.shape, cfg.pruning.target, list(cfg.pruning.modules)),
             modules=list(cfg.pruning.modules),
             lagrangian_warmup_steps=time_in_batches(cfg.pruning.lagrangian_warmup, "pruning.lagrangian_warmup", max_ba),
             eval_target_model=cfg.pruning.eval_target_model,
@@ -186,6 +188,9 @@ def build_callbacks(cfg: TrainConfig, composer_model, sharded: bool = False, dev
     if cfg.pruning is not None:
         cbs.append(PruningCallback(save_folder=cfg.save_folder,
                                    log_interval=time_in_batches(cfg.loggers.console_interval, "loggers.console_interval")))
+        if cfg.pruning.init == "scores":
+            cbs.append(ScoreInitCallback(cfg.pruning.init_batches, cfg.global_train_batch_size,
+                                         cfg.device_train_microbatch_size, cfg.seed, cfg.pruning.init_margin))
     mixing = None
     if cfg.dynamic_loading is not None:
         dl = cfg.dynamic_loading
@@ -284,6 +289,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
     device = _device(cfg)
     world_size, rank = init_distributed(device, cfg.dist_timeout)
     validate(cfg, world_size=world_size)
+    if rank == 0 and (line := budget_report(cfg)):
+        print(line, flush=True)
     precision = cfg.precision.value
     if device == "cpu" and precision != "fp32":
         log.warning("precision %s is not used on CPU; running in fp32", precision)
