@@ -3,98 +3,22 @@ mode, tests/_s3.py): `prepare-data --out s3://...`, 2-rank pruning runs that str
 node-local cache (`data.remote` + `data.root`), and what happens when the store is unreachable, the
 bucket is missing or a remote shard is damaged.
 
-Runs (each `composer -n 2 tests/_mp_driver.py ...`, 2 gloo ranks, global batch 16, 6 batches,
-checkpoint at 3; shards of ~2 KB, so every domain has ~20 shards and a cache can be half full):
-
-    local     data.root = the same data prepared into a local folder (the reference)
-    remote    data.remote = s3://bucket/tiny, data.root = an empty cache, data.cache_limit small
-              enough that Streaming evicts shards during the run
-    killed    remote into its own cache, rank 1 SIGKILLed at the start of batch 5 (after the
-              checkpoint at 3, the cache part filled), then the same command again
+The runs are made once per session by tests/_store.py (see there); this module compares them.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from _s3 import s3_server
-from _tiny_data import DOMAINS, driver_env, make_tiny_data
+from _store import BUCKET, PRUNE, REPO, Store
+from _tiny_data import DOMAINS
 
-REPO = Path(__file__).resolve().parents[1]
-PRUNE = REPO / "yamls/tiny/prune.yaml"
-COMPOSER = Path(sys.executable).parent / "composer"
 HANG_GUARD_S = 300
-BUCKET = "shear-data"
-SHARD = "2kb"  # ~7 rows of 128 uint16 tokens: ~20 train shards per domain
 
 pytestmark = pytest.mark.multiprocess
-
-
-class Store:
-    """The server, the data (local and remote, from the same prepare-data command) and the runs."""
-
-    def __init__(self, tmp: Path, env: dict) -> None:
-        self.tmp, self.s3 = tmp, env
-        tiny = make_tiny_data(tmp / "tiny")  # raw documents + tokenizer (its own data is not used here)
-        self.raw, self.tok = tiny.parent / "raw", tiny.parent / "tokenizer"
-        self.remote = f"s3://{BUCKET}/tiny"
-        self.prep_local = self.prepare(str(tmp / "local"))
-        self.prep_remote = self.prepare(self.remote)
-        self.local = tmp / "local"
-        self._runs: dict[str, dict] = {}
-
-    def env(self, extra: dict | None = None) -> dict:
-        return driver_env({**self.s3, "OMP_NUM_THREADS": "1", **(extra or {})})
-
-    def prepare(self, out: str, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "llmshearing.cli", "prepare-data", "--tokenizer", str(self.tok), "--out", out,
-               "--seq-len", "128", "--eval-fraction", "0.15", "--eval-sequences", "8", "--seed", "0", "--workers", "1",
-               "--shard-size", SHARD, "--quiet", *[f"--domain={d}={self.raw / d}" for d in DOMAINS], *extra]
-        return subprocess.run(cmd, cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
-
-    def overrides(self, name: str, data: list[str]) -> list[str]:
-        return [*data, "max_duration=6ba", "save_interval=3ba", "eval_interval=3ba", "global_train_batch_size=16",
-                "device_train_microbatch_size=8", "data.num_workers=1", "data.eval_rows_per_domain=5",
-                "device_eval_batch_size=4", "eval_first=true", "loggers.file=false", "loggers.console_interval=3ba",
-                f"save_folder={self.tmp / name / 'ckpt'}"]
-
-    def launch(self, name: str, data: list[str], env: dict | None = None, nproc: int = 2):
-        out = self.tmp / name / "rec"
-        cmd = [str(COMPOSER), "-n", str(nproc), "tests/_mp_driver.py", str(out), str(PRUNE),
-               *self.overrides(name, data)]
-        p = subprocess.run(cmd, cwd=REPO, env=self.env(env), capture_output=True, text=True, timeout=HANG_GUARD_S)
-        return p, out
-
-    def run(self, name: str) -> dict:
-        if name in self._runs:
-            return self._runs[name]
-        cache = self.tmp / name / "cache"
-        data = {"local": [f"data.root={self.local}"],
-                "remote": [f"data.remote={self.remote}", f"data.root={cache}", "data.cache_limit=24kb"],
-                "killed": [f"data.remote={self.remote}", f"data.root={cache}"]}[name]
-        r: dict = {"cache": cache}
-        if name == "killed":
-            r["first"], _ = self.launch(name, data, env={"DRIVER_KILL_AT": "5"})
-            r["cached_after_kill"] = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("shard.*.mds"))
-        p, out = self.launch(name, data)
-        assert p.returncode == 0, f"{name}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-        r.update(proc=p, recs=[json.loads((out / f"rank{i}.json").read_text()) for i in range(2)],
-                 ckpt=torch.load(self.tmp / name / "ckpt" / "latest-rank0.pt", map_location="cpu", weights_only=False))
-        self._runs[name] = r
-        return r
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's access log
-    with s3_server(BUCKET) as env:
-        yield Store(tmp_path_factory.mktemp("s3"), env)
 
 
 def _remote_shards(store: Store) -> list[str]:

@@ -48,6 +48,7 @@ from llmshearing.training.config import (
     to_yaml,
 )
 from llmshearing.training.config_checks import validate
+from llmshearing.training.multinode import per_node_signal_files
 from llmshearing.training.resume import (
     SAVED_CONFIG,
     check_unchanged,
@@ -63,6 +64,7 @@ def init_distributed(device: str, timeout: float) -> tuple[int, int]:
     the samplers see the real world size and rank. Returns (world_size, rank). Idempotent; with no
     launcher environment it makes a 1-rank group, as the Trainer would."""
     dist.initialize_dist(device, timeout)
+    per_node_signal_files()  # nodes sharing the save folder (multinode.py)
     return dist.get_world_size(), dist.get_global_rank()
 
 
