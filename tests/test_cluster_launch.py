@@ -69,3 +69,56 @@ def test_two_nodes_on_one_machine_equal_the_one_node_run(store, tmp_path):
     _same_as_local(store, rec, load_ckpt(tmp_path / "ckpt" / "latest-rank0.pt"))
     for node in (0, 1):
         assert list((tmp_path / f"cache{node}").rglob("train/*/shard.*.mds")), f"node {node} cached nothing"
+
+
+# --------------------------------------------------------------------------------------------- Slurm
+STANDINS = REPO / "tests" / "cluster_standins"  # srun and scontrol that start the tasks on this machine
+
+
+def _no_slurm(env: dict) -> dict:
+    return {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+
+
+def _allocation(store, tmp_path: Path, **extra: str) -> dict:
+    """The environment sbatch gives the batch script of a 2-node job, with the stand-ins first on PATH."""
+    return {**_no_slurm(store.env()),
+            "PATH": f"{STANDINS}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "llmshearing", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+            "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(REPO),
+            "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()), **extra}
+
+
+def test_slurm_script_runs_two_nodes_checkpoints_and_a_requeue_resumes(store, tmp_path):
+    """launch/slurm.sbatch in a stand-in 2-node allocation (srun starts one task per node, each with a
+    private tmpfs as its node-local shard cache and /dev/shm). The job is preempted (rank 1 SIGKILLed
+    at batch 5, after the checkpoint at 3) and requeued: the same script again, SLURM_RESTART_COUNT=1.
+    The requeued job resumes at batch 3 and ends at the 1-node 2-process run's ids and weights."""
+    rec, cache, save = tmp_path / "rec", tmp_path / "node_local_cache", tmp_path / "ckpt"
+    args = ["--script", "tests/_mp_driver.py", str(rec), str(PRUNE),
+            *store.overrides("slurm", [f"data.remote={store.remote}", f"data.root={cache}"]), f"save_folder={save}"]
+    job = ["bash", "launch/slurm.sbatch", *args]
+    first = subprocess.run(job, cwd=REPO, env=_allocation(store, tmp_path, STANDIN_NODE_LOCAL=str(cache),
+                                                          SLURM_RESTART_COUNT="0", DRIVER_KILL_AT="5"),
+                           capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert first.returncode != 0, "the first run should have been preempted (rank 1 killed)"
+    assert sorted(p.name for p in save.glob("ep*-ba*")) == ["ep0-ba3-rank0.pt"], first.stderr[-3000:]
+    requeued = subprocess.run(job, cwd=REPO, env=_allocation(store, tmp_path, STANDIN_NODE_LOCAL=str(cache),
+                                                             SLURM_RESTART_COUNT="1"),
+                              capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert requeued.returncode == 0, f"{requeued.stdout[-3000:]}\n{requeued.stderr[-3000:]}"
+    assert (save / "ep0-ba6-rank0.pt").is_file() and (save / "latest-rank0.pt").resolve().name == "ep0-ba6-rank0.pt"
+    ranks = [json.loads((rec / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(min(int(b) for b in r["ids"]) == 3 for r in ranks)  # resumed from batch 3
+    _same_as_local(store, rec, load_ckpt(save / "latest-rank0.pt"))
+    if os.geteuid() == 0:  # each node's cache was its own tmpfs: nothing reached this folder on the host
+        assert not cache.exists() or not any(cache.iterdir())
+
+
+@pytest.mark.parametrize("cmd", [["bash", "launch/slurm.sbatch"],
+                                 [sys.executable, "-m", "llmshearing.training.launch", "slurm"]])
+def test_outside_an_allocation_the_slurm_launch_says_so_in_one_line(cmd, tmp_path):
+    p = subprocess.run([*cmd, str(PRUNE)], cwd=REPO, env=_no_slurm(dict(os.environ)), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    err = p.stderr.strip()
+    assert len(err.splitlines()) == 1 and "not inside a Slurm job" in err and "Traceback" not in err, err
