@@ -4,6 +4,10 @@ import os
 
 import pytest
 
+# session fixture `store`: the S3-compatible test server, the tiny data in it and the 2-rank runs from it
+# (tests/_store.py), shared by tests/test_object_storage.py and tests/test_cluster_launch.py
+pytest_plugins = ["_store"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

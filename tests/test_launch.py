@@ -53,6 +53,7 @@ def test_first_host(nodelist, first, monkeypatch):
     assert launch.first_host(nodelist) == first
 
 
-def test_slurm_outside_job_is_a_clear_error():
-    with pytest.raises(ValueError, match="not inside a Slurm job"):
-        launch.main(["slurm", "--dry-run", "c.yaml"], env={})
+def test_slurm_outside_job_is_a_clear_error(capsys):
+    assert launch.main(["slurm", "--dry-run", "c.yaml"], env={}) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not inside a Slurm job" in err and len(err.splitlines()) == 1

@@ -16,6 +16,7 @@ import yaml
 from llmshearing.data.documents import parse_count
 from llmshearing.data.manifest import MANIFEST_NAME, format_summary
 from llmshearing.data.prep import prepare
+from llmshearing.data.remote import is_remote, join
 from llmshearing.logs import setup_logging
 
 
@@ -66,7 +67,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         bos={"auto": None, "on": True, "off": False}[args.bos],
     )
     print(format_summary(manifest))
-    print(f"wrote {Path(args.out) / MANIFEST_NAME}")
+    print(f"wrote {join(args.out, MANIFEST_NAME) if is_remote(args.out) else Path(args.out) / MANIFEST_NAME}")
     return 0
 
 
@@ -75,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="domain and its folder / glob / file (repeatable; order = domain order)")
     p.add_argument("--domains-file", help="yaml/json mapping domain -> folder/pattern (or list)")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer dir or SentencePiece .model")
-    p.add_argument("--out", required=True, help="output root")
+    p.add_argument("--out", required=True, help="output root: a folder, or s3://bucket/prefix (uploaded as it is "
+                   "written; endpoint and credentials from S3_ENDPOINT_URL / AWS_* in the environment)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--text-field", default="text", help="jsonl field holding the document text")
     p.add_argument("--eval-fraction", type=float, default=0.01, help="probability a document goes to eval")

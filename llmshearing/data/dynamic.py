@@ -207,11 +207,13 @@ def _domain_dirs(root: str, split: str, domains: Sequence[str],
     return out
 
 
-def _streaming_dataset(dirs: Sequence[tuple[str, str | None]], batch_size: int) -> Any:
+def _streaming_dataset(dirs: Sequence[tuple[str, str | None]], batch_size: int,
+                       cache_limit: str | int | None = None) -> Any:
     from streaming import Stream, StreamingDataset
 
     streams = [Stream(local=local, remote=remote) for local, remote in dirs]
-    return StreamingDataset(streams=streams, batch_size=batch_size, shuffle=False, predownload=8 * batch_size)
+    return StreamingDataset(streams=streams, batch_size=batch_size, shuffle=False, predownload=8 * batch_size,
+                            cache_limit=cache_limit)
 
 
 def _check_data(root: str, split: str, domains: Sequence[str], seq_len: int, vocab_size: int | None) -> None:
@@ -254,6 +256,7 @@ def build_train_dataloader(
     pin_memory: bool = False,
     vocab_size: int | None = None,
     local_cache: str | os.PathLike | None = None,
+    cache_limit: str | int | None = None,
 ) -> DataLoader:
     """DynamicDataLoader of {input_ids: LongTensor[B, seq_len], domain: LongTensor[B]}, B = G / world_size.
 
@@ -273,7 +276,7 @@ def build_train_dataloader(
     root = str(root)
     dirs = _domain_dirs(root, split, domains, None if local_cache is None else str(local_cache))
     _check_data(root, split, domains, seq_len, vocab_size)
-    sds = _streaming_dataset(dirs, global_batch_size // world_size)
+    sds = _streaming_dataset(dirs, global_batch_size // world_size, cache_limit)
     ds = MixtureDataset(sds, domains, seq_len)
     sampler = DynamicBatchSampler(ds.sizes, props, global_batch_size, seed=seed, rank=rank, world_size=world_size,
                                   domains=domains, sample_offsets=ds.offsets, on_exhausted=on_exhausted)
@@ -298,6 +301,7 @@ def build_eval_dataloader(
     max_samples: int | None = None,
     vocab_size: int | None = None,
     local_cache: str | os.PathLike | None = None,
+    cache_limit: str | int | None = None,
 ) -> DataLoader:
     """One domain's first `max_samples` eval rows (default all), sharded over the ranks.
 
@@ -315,7 +319,7 @@ def build_eval_dataloader(
     root = str(root)
     dirs = _domain_dirs(root, split, [domain], None if local_cache is None else str(local_cache))
     _check_data(root, split, [domain], seq_len, vocab_size)
-    sds = _streaming_dataset(dirs, batch_size)
+    sds = _streaming_dataset(dirs, batch_size, cache_limit)
     ds = MixtureDataset(sds, [domain], seq_len, domain_index=[domain_index], max_samples=max_samples)
     if len(ds) < 1:
         raise ValueError(f"eval data of domain '{domain}' has no rows")

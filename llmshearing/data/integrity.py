@@ -9,7 +9,7 @@ of training; a size check of every shard costs one `stat` each.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # Streaming's hashing: only imported when hashes are checked (it imports streaming)
@@ -32,31 +32,47 @@ def check_shards(root: str | Path, split: str, domains: Sequence[str], validate_
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataIntegrityError(f"domain '{dom}': {index_file} cannot be read as a Streaming index: {e}") from e
         for shard in shards:
-            _check_shard(folder, dom, shard, validate_hash)
+            check_shard_sizes(dom, shard, where=lambda name: str(folder / name), size_of=lambda name: _size(folder / name),
+                              read=(lambda name: (folder / name).read_bytes()) if validate_hash else None,
+                              listed_in=str(index_file))
             n += 1
     return n
 
 
-def _check_shard(folder: Path, dom: str, shard: dict, validate_hash: bool) -> None:
-    # a local shard is there raw, or compressed (zip_data) when prepared with compression
+def _size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
+
+
+def check_shard_sizes(dom: str, shard: dict, *, where: Callable[[str], str], size_of: Callable[[str], int | None],
+                      read: Callable[[str], bytes] | None, listed_in: str, missing_ok: bool = False) -> None:
+    """One shard of an index against its files, wherever they are (a folder, a bucket, a cache):
+    `size_of(basename)` is the file's size or None, `where(basename)` its name in messages, `read`
+    (when hashes are checked) its bytes. A shard is there raw, or compressed (zip_data) when
+    prepared with compression; a cache may hold both, or neither (`missing_ok`)."""
+    found = False
     for key in ("raw_data", "zip_data"):
         info = shard.get(key)
         if not info:
             continue
-        path = folder / info["basename"]
-        if not path.is_file():
+        size = size_of(info["basename"])
+        if size is None:
             continue
-        size = path.stat().st_size
+        found = True
         if size != int(info["bytes"]):
-            raise DataIntegrityError(f"domain '{dom}': shard {path} is {size:,} bytes but its index.json records "
-                                     f"{int(info['bytes']):,}: truncated or overwritten? (prepare the data again)")
-        if validate_hash and info.get("hashes"):
+            raise DataIntegrityError(f"domain '{dom}': shard {where(info['basename'])} is {size:,} bytes but its "
+                                     f"index.json records {int(info['bytes']):,}: truncated or overwritten? "
+                                     "(prepare the data again)")
+        if read is not None and info.get("hashes"):
             from streaming.base.hashing import get_hash
 
-            data = path.read_bytes()
+            data = read(info["basename"])
             for algo, want in info["hashes"].items():
                 if get_hash(algo, data) != want:
-                    raise DataIntegrityError(f"domain '{dom}': shard {path} fails its {algo} hash: corrupted")
+                    raise DataIntegrityError(f"domain '{dom}': shard {where(info['basename'])} fails its {algo} "
+                                             "hash: corrupted")
+        if not missing_ok:
+            return
+    if found or missing_ok:
         return
     names = [shard[k]["basename"] for k in ("raw_data", "zip_data") if shard.get(k)]
-    raise DataIntegrityError(f"domain '{dom}': shard {folder / names[0]} listed in {folder / 'index.json'} is missing")
+    raise DataIntegrityError(f"domain '{dom}': shard {where(names[0])} listed in {listed_in} is missing")

@@ -89,10 +89,17 @@ def mds_columns(seq_len: int, dtype: np.dtype) -> dict[str, str]:
     return {"tokens": f"ndarray:{dtype.name}:{seq_len}", "domain": "str"}
 
 
-def mds_writer(out: Path, seq_len: int, dtype: np.dtype, compression: str | None, size_limit: str | int) -> Any:
+def mds_writer(out: Path, seq_len: int, dtype: np.dtype, compression: str | None, size_limit: str | int,
+               upload: tuple[Path, str] | None = None) -> Any:
+    """An MDSWriter into `out`; with `upload` = (local root, remote root URL), every shard is uploaded to
+    the same place under the remote root as soon as it is complete, and removed locally after `finish`."""
     from streaming import MDSWriter
 
     out.mkdir(parents=True, exist_ok=True)
     columns = mds_columns(seq_len, dtype)
+    target: Any = str(out)
+    if upload is not None:
+        target = (str(out), upload[1].rstrip("/") + "/" + out.relative_to(upload[0]).as_posix())
     # xxh64 per shard (fast): `data.validate_hash: true` checks it before training
-    return MDSWriter(out=str(out), columns=columns, compression=compression, size_limit=size_limit, hashes=["xxh64"])
+    return MDSWriter(out=target, columns=columns, compression=compression, size_limit=size_limit, hashes=["xxh64"],
+                     keep_local=False)

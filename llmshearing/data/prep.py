@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,7 @@ from llmshearing.data.documents import (
 )
 from llmshearing.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, MERGED_EVAL
 from llmshearing.data.packing import Packer, SplitStats, mds_columns, mds_writer
+from llmshearing.data.remote import delete_prefix, is_remote, join, list_sizes, upload_file
 from llmshearing.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -262,9 +264,11 @@ def prepare(
     seq_len = int(seq_len)
     plan = _plan(domains, tokenizer, seq_len, text_field, eval_fraction, eval_sequences, train_tokens, seed,
                  workers, shuffle_files, chunk_bytes, bos)
-    out = Path(out).expanduser()
-    _prepare_output(out, overwrite)
-    writer_args = (seq_len, plan.dtype, compression, shard_size_limit)
+    remote = str(out) if is_remote(out) else None
+    out = _prepare_remote(remote, overwrite) if remote else Path(out).expanduser()
+    if not remote:
+        _prepare_output(out, overwrite)
+    writer_args = (seq_len, plan.dtype, compression, shard_size_limit, (out, remote) if remote else None)
     pool = _tokenizer_pool(plan, workers)
     stats: dict[str, dict[str, SplitStats]] = {s: {} for s in SPLITS}
     empty_docs: dict[str, int] = {}
@@ -287,7 +291,22 @@ def prepare(
     tmp = out / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(out / MANIFEST_NAME)  # the manifest appears only once all shards are complete
+    if remote:  # likewise in the bucket: the writers have uploaded every shard when finish() returned
+        upload_file(out / MANIFEST_NAME, join(remote, MANIFEST_NAME))
+        shutil.rmtree(out, ignore_errors=True)
     return manifest
+
+
+def _prepare_remote(remote: str, overwrite: bool) -> Path:
+    """Check the remote root (reachable, bucket exists, empty unless overwrite) before any work;
+    returns a local staging folder the writers write each shard to before uploading it."""
+    have = [k for k in list_sizes(remote) if k.split("/")[0] in (*SPLITS, MERGED_EVAL, MANIFEST_NAME)]
+    if have and not overwrite:
+        raise ValueError(f"output {remote} already holds prepared data ({have[0]}); "
+                         "pass overwrite=True / --overwrite to replace it")
+    if have:
+        delete_prefix(remote)
+    return Path(tempfile.mkdtemp(prefix="prepare-data-"))
 
 
 def _tokenizer_pool(plan: _Plan, workers: int) -> Any:

@@ -111,7 +111,12 @@ class PruningSection:
 
 @dataclass
 class DataSection:
+    # the prepared data folder; with `remote`, the node-local cache the shards are streamed into
     root: str = "???"
+    # prepared data in object storage (s3://bucket/prefix, same layout as a local root); credentials and
+    # endpoint come from the environment (AWS_*, S3_ENDPOINT_URL), never from the yaml
+    remote: Optional[str] = None
+    cache_limit: Optional[str] = None  # with remote: bytes of shards kept in the cache per dataset ("20gb")
     domains: list[str] = field(default_factory=list)
     # initial domain weights: a list (one per domain), or "from_model": the mixture the pruning run
     # ended with, saved next to model.path by prune-export (domain_weights.json)
@@ -313,7 +318,7 @@ def resolve_proportions(cfg: TrainConfig) -> list[float]:
 def _token_shares(cfg: TrainConfig) -> list[float]:
     """Each domain's share of the train tokens, from the data's manifest (rows of seq_len tokens)."""
     d = cfg.data
-    manifest = load_manifest(d.root) if "://" not in d.root else None
+    manifest = load_manifest(d.root) if "://" not in d.root else None  # with data.remote: fetched into the cache
     split = (manifest or {}).get("splits", {}).get(d.train_split, {})
     if not all(dom in split for dom in d.domains):
         raise ConfigError("config key 'dynamic_loading.update': stratified needs the data's manifest.json with "

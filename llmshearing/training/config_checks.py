@@ -18,6 +18,7 @@ from llmshearing.convert.model_source import (
 )
 from llmshearing.data.integrity import DataIntegrityError, check_shards
 from llmshearing.data.manifest import check_manifest, load_manifest
+from llmshearing.data.remote import RemoteError, check_remote_shards, fetch_manifest, list_sizes, parse_remote
 from llmshearing.data.sampler import validate_proportions
 from llmshearing.models.config import ModelConfig
 from llmshearing.models.shape import ShapeError
@@ -102,6 +103,10 @@ def _check_data(cfg: TrainConfig, check_paths: bool, model_cfg: ModelConfig | No
         raise ConfigError("config key 'data.domains': list at least one domain")
     if len(set(d.domains)) != len(d.domains):
         raise ConfigError(f"config key 'data.domains': duplicate domain names in {d.domains}")
+    if d.remote is not None or d.cache_limit is not None or "://" in d.root:
+        _check_remote_keys(d)
+    if check_paths and d.remote is not None:  # first: fetches the manifest into the cache (stratified reads it)
+        _check_remote_data(d)
     if check_paths or d.proportions != FROM_MODEL:
         try:
             validate_proportions(resolve_proportions(cfg), list(d.domains))
@@ -124,8 +129,8 @@ def _check_data(cfg: TrainConfig, check_paths: bool, model_cfg: ModelConfig | No
         if dl.update == "teacher_gap" and cfg.distill is None:
             raise ConfigError("config key 'dynamic_loading.update': teacher_gap takes its reference losses from the "
                               "distillation teacher: add a distill: section (distill.alpha may be 0)")
-    if check_paths and "://" not in d.root:
-        root = Path(d.root)
+    root = Path(d.root)
+    if check_paths and d.remote is None:
         if not root.is_dir():
             raise ConfigError(f"config key 'data.root': {root} does not exist (prepare data with `llmshearing prepare-data`)")
         for split in (d.train_split, d.eval_split):
@@ -139,6 +144,7 @@ def _check_data(cfg: TrainConfig, check_paths: bool, model_cfg: ModelConfig | No
                 check_shards(root, split, list(d.domains), validate_hash=d.validate_hash)
             except DataIntegrityError as e:
                 raise ConfigError(f"config key 'data.root': {e}") from e
+    if check_paths:
         manifest = load_manifest(root)
         if manifest is not None:
             for split in (d.train_split, d.eval_split):
@@ -148,6 +154,43 @@ def _check_data(cfg: TrainConfig, check_paths: bool, model_cfg: ModelConfig | No
                     key = "data.seq_len" if "seq_len" in str(e) else "data.domains"
                     raise ConfigError(f"config key '{key}': {e}") from e
             _check_special_tokens(model_cfg, manifest, root)
+
+
+def _check_remote_keys(d) -> None:
+    """data.remote is an s3:// URL without credentials, data.root a local folder (the cache)."""
+    if "://" in d.root:
+        raise ConfigError(f"config key 'data.root': {d.root} is a URL; put it in data.remote and set data.root "
+                          "to a node-local folder for the cache")
+    if d.remote is None:
+        raise ConfigError("config key 'data.cache_limit': only used with data.remote (shards streamed into data.root)")
+    try:
+        parse_remote(d.remote)
+    except RemoteError as e:
+        raise ConfigError(f"config key 'data.remote': {e}") from e
+    if d.cache_limit is not None:
+        from streaming.base.util import bytes_to_int
+
+        try:
+            ok = bytes_to_int(d.cache_limit) > 0
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"config key 'data.cache_limit': a size like '20gb', got {d.cache_limit!r}")
+
+
+def _check_remote_data(d) -> None:
+    """The remote answers, has every domain of both splits, and every shard has its recorded size (and
+    hash, with data.validate_hash) before the model is built; the cache holds the same indexes."""
+    try:
+        sizes = list_sizes(d.remote)
+        Path(d.root).mkdir(parents=True, exist_ok=True)
+        fetch_manifest(d.remote, d.root, sizes)
+        for split in (d.train_split, d.eval_split):
+            check_remote_shards(d.remote, split, list(d.domains), d.root, d.validate_hash, sizes=sizes)
+    except (RemoteError, DataIntegrityError) as e:
+        raise ConfigError(f"config key 'data.remote': {e}") from e
+    except OSError as e:
+        raise ConfigError(f"config key 'data.root': cannot use {d.root} as the cache of data.remote: {e}") from e
 
 
 def _check_special_tokens(model_cfg, manifest: dict[str, Any], root: Path) -> None:

@@ -6,6 +6,9 @@ rank and master address, which in turn starts one training process per GPU.
 
     python -m llmshearing.training.launch slurm  [--dry-run] CONFIG.yaml [key=value ...]   # inside sbatch
     python -m llmshearing.training.launch single [--dry-run] CONFIG.yaml [key=value ...]   # one machine
+
+`--script` replaces train.py (the tests run tests/_mp_driver.py, train.py's main plus a recorder).
+Outside a Slurm job `slurm` says so in one line (exit 2).
 """
 
 from __future__ import annotations
@@ -63,16 +66,17 @@ def cluster_from_slurm(env: dict[str, str]) -> Cluster:
     return Cluster(nnodes, gpus, addr, port)
 
 
-def composer_command(c: Cluster, node_rank: int | str, train_args: list[str]) -> list[str]:
+def composer_command(c: Cluster, node_rank: int | str, train_args: list[str], script: str = "train.py") -> list[str]:
     return ["composer", "-n", str(c.gpus_per_node), "--world_size", str(c.world_size), "--node_rank", str(node_rank),
-            "--master_addr", c.master_addr, "--master_port", str(c.master_port), "train.py", *train_args]
+            "--master_addr", c.master_addr, "--master_port", str(c.master_port), script, *train_args]
 
 
-def srun_command(c: Cluster, train_args: list[str]) -> list[str]:
+def srun_command(c: Cluster, train_args: list[str], script: str = "train.py") -> list[str]:
     return ["srun", f"--nodes={c.nnodes}", "--ntasks-per-node=1", f"--gpus-per-node={c.gpus_per_node}",
             sys.executable, "-m", "llmshearing.training.launch", "node", "--nnodes", str(c.nnodes),
             "--gpus-per-node", str(c.gpus_per_node), "--master-addr", c.master_addr,
-            "--master-port", str(c.master_port), "--", *train_args]
+            "--master-port", str(c.master_port), *(["--script", script] if script != "train.py" else []),
+            "--", *train_args]
 
 
 def _gpus_here() -> int:
@@ -85,6 +89,15 @@ def _gpus_here() -> int:
 
 
 def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+    """Outside an allocation (or without srun / composer on PATH): one line on stderr, exit 2."""
+    try:
+        return _main(argv, env)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"llmshearing launch: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None, env: dict[str, str] | None) -> int:
     env = dict(os.environ if env is None else env)
     p = argparse.ArgumentParser(prog="python -m llmshearing.training.launch", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="mode", required=True)
@@ -92,6 +105,7 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
         sp = sub.add_parser(mode)
         sp.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
         sp.add_argument("--gpus-per-node", type=int, default=None)
+        sp.add_argument("--script", default="train.py", help="the training script each process runs")
         sp.add_argument("train_args", nargs=argparse.REMAINDER, help="CONFIG.yaml [key=value ...]")
     sp = sub.add_parser("node", help="(internal) one Slurm task: exec composer with this node's rank")
     sp.add_argument("--nnodes", type=int, required=True)
@@ -99,6 +113,7 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     sp.add_argument("--master-addr", required=True)
     sp.add_argument("--master-port", type=int, required=True)
     sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--script", default="train.py")
     sp.add_argument("train_args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     train_args = [x for x in a.train_args if x != "--"]
@@ -107,30 +122,33 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
 
     if a.mode == "single":
         c = Cluster(1, a.gpus_per_node or _gpus_here(), "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
-        cmds = [composer_command(c, 0, train_args)]
+        cmds = [composer_command(c, 0, train_args, a.script)]
     elif a.mode == "slurm":
         if a.gpus_per_node:
             env["GPUS_PER_NODE"] = str(a.gpus_per_node)
         c = cluster_from_slurm(env)
         if a.dry_run:
             print("# srun (one task per node):")
-            print(shlex.join(srun_command(c, train_args)))
+            print(shlex.join(srun_command(c, train_args, a.script)))
             print("# each task then runs:")
             for r in range(c.nnodes):
-                print(shlex.join(composer_command(c, r, train_args)))
+                print(shlex.join(composer_command(c, r, train_args, a.script)))
             return 0
-        cmds = [srun_command(c, train_args)]
+        cmds = [srun_command(c, train_args, a.script)]
     else:  # node
         if "SLURM_NODEID" not in env and not a.dry_run:
-            raise SystemExit("`node` runs inside an srun task (SLURM_NODEID is not set)")
+            raise ValueError("`node` runs inside an srun task (SLURM_NODEID is not set)")
         c = Cluster(a.nnodes, a.gpus_per_node, a.master_addr, a.master_port)
-        cmds = [composer_command(c, env.get("SLURM_NODEID", "0"), train_args)]
+        cmds = [composer_command(c, env.get("SLURM_NODEID", "0"), train_args, a.script)]
 
     if a.dry_run:
         for cmd in cmds:
             print(shlex.join(cmd))
         return 0
-    os.execvp(cmds[0][0], cmds[0])
+    if shutil.which(cmds[0][0], path=env.get("PATH")) is None:
+        raise FileNotFoundError(f"{cmds[0][0]} is not on PATH" + (": run this inside a Slurm allocation (sbatch / salloc)"
+                                                                  if cmds[0][0] == "srun" else ""))
+    os.execvpe(cmds[0][0], cmds[0], env)
     return 0  # not reached
 
 

@@ -50,6 +50,7 @@ from llmshearing.training.config import (
     to_yaml,
 )
 from llmshearing.training.config_checks import validate
+from llmshearing.training.multinode import per_node_signal_files
 from llmshearing.training.resume import (
     SAVED_CONFIG,
     check_unchanged,
@@ -65,6 +66,7 @@ def init_distributed(device: str, timeout: float) -> tuple[int, int]:
     the samplers see the real world size and rank. Returns (world_size, rank). Idempotent; with no
     launcher environment it makes a 1-rank group, as the Trainer would."""
     dist.initialize_dist(device, timeout)
+    per_node_signal_files()  # nodes sharing the save folder (multinode.py)
     return dist.get_world_size(), dist.get_global_rank()
 
 
@@ -159,8 +161,11 @@ def build_optimizer(cfg: TrainConfig, composer_model) -> torch.optim.Optimizer:
 
 def build_dataloaders(cfg: TrainConfig, world_size: int, rank: int):
     d = cfg.data
+    # with data.remote, Streaming downloads the shards into data.root (the node-local cache)
+    where = ({"root": d.remote, "local_cache": d.root, "cache_limit": d.cache_limit} if d.remote
+             else {"root": d.root})
     train_dl = build_train_dataloader(
-        root=d.root, domains=list(d.domains), proportions=resolve_proportions(cfg),
+        **where, domains=list(d.domains), proportions=resolve_proportions(cfg),
         global_batch_size=cfg.global_train_batch_size, seq_len=d.seq_len, seed=cfg.seed,
         rank=rank, world_size=world_size, num_workers=d.num_workers, on_exhausted=d.on_exhausted.value,
         split=d.train_split,
@@ -168,7 +173,7 @@ def build_dataloaders(cfg: TrainConfig, world_size: int, rank: int):
     evaluators = [
         Evaluator(
             label=dom,
-            dataloader=build_eval_dataloader(root=d.root, domain=dom, batch_size=cfg.device_eval_batch_size,
+            dataloader=build_eval_dataloader(**where, domain=dom, batch_size=cfg.device_eval_batch_size,
                                              seq_len=d.seq_len, rank=rank, world_size=world_size, split=d.eval_split,
                                              max_samples=d.eval_rows_per_domain),
             metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
