@@ -51,14 +51,16 @@ from llmshearing.convert.hf_weights import (
     stream_copy,
     validate_entries,
 )
+from llmshearing.convert.special_tokens import (
+    tokenizer_special_ids,
+    with_special_ids,
+    write_generation_config,
+)
 from llmshearing.data.tokenizer import HF_TOKENIZER_FILES
 from llmshearing.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-#: Files copied from `tokenizer_dir` on export (whichever exist): the tokenizer's own files plus
-#: generation_config.json, which lives next to them in every HF repo and carries the generation ids.
-TOKENIZER_FILES = HF_TOKENIZER_FILES + ("generation_config.json",)
 
 
 def _refuse_same_dir(src: Path, out: Path) -> None:
@@ -135,13 +137,20 @@ def _check_export_dir(out: Path) -> None:
         raise ValueError(f"{out}: already contains other weight files {sorted(stale)}; export into an empty directory")
 
 
-def copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> list[str]:
+def _check_tokenizer_dir(tokenizer_dir: str | Path) -> list[str]:
     tok = Path(tokenizer_dir)
     if not tok.is_dir():
         raise FileNotFoundError(f"{tok}: tokenizer directory not found")
-    found = [n for n in TOKENIZER_FILES if (tok / n).is_file()]
-    if not any(n != "generation_config.json" for n in found):
-        raise FileNotFoundError(f"{tok}: no tokenizer files; looked for {', '.join(TOKENIZER_FILES[:-1])}")
+    found = [n for n in HF_TOKENIZER_FILES if (tok / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{tok}: no tokenizer files; looked for {', '.join(HF_TOKENIZER_FILES)}")
+    return found
+
+
+def copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> list[str]:
+    """The tokenizer's files (generation_config.json is rewritten by the export, see special_tokens)."""
+    tok = Path(tokenizer_dir)
+    found = _check_tokenizer_dir(tok)
     if tok.resolve() != out.resolve():
         for n in found:
             shutil.copy2(tok / n, out / n)
@@ -156,12 +165,16 @@ def _export_sources(sources: Sequence[Source], entries: dict[str, Entry], cfg: M
     hf_cfg = hf_config_from_model_config(cfg, dtype or (emb.dtype if emb is not None else torch.float32))
     validate_entries(entries, sources, cfg, config_source)
     drop_tied_head(entries, sources, cfg)
+    if tokenizer_dir is not None:  # checked before anything is written: its ids must fit the model
+        _check_tokenizer_dir(tokenizer_dir)
+        hf_cfg = with_special_ids(hf_cfg, tokenizer_special_ids(tokenizer_dir, cfg.shape.vocab_size))
     out.mkdir(parents=True, exist_ok=True)
     _check_export_dir(out)
     stream_copy(entries, sources, out / "model.safetensors", dtype, desc="llmshearing->hf")
     (out / HF_CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n")
     if tokenizer_dir is not None:
         logger.info("copied tokenizer files %s", copy_tokenizer(tokenizer_dir, out))
+    write_generation_config(out, hf_cfg, tokenizer_dir)
     return out
 
 
@@ -171,7 +184,8 @@ def export_to_hf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, out_d
     that `AutoModelForCausalLM.from_pretrained` loads with no missing or unexpected keys.
 
     Tied models store only `model.embed_tokens.weight` (what `save_pretrained` does); tensors keep
-    their dtype unless `dtype` is given. Returns the output directory.
+    their dtype unless `dtype` is given. With a tokenizer, config.json takes its bos/eos/pad ids, and
+    a generation_config.json is always written (special_tokens.py). Returns the output directory.
     """
     out = Path(out_dir)
     sources = [Source(name="state dict", sd=state_dict)]
