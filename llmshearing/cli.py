@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["llmshearing", *(sys.argv[1:] if argv is None else argv)]  # for the model cards
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

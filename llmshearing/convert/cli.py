@@ -70,7 +70,10 @@ def run_composer_to_hf(args: argparse.Namespace) -> int:
     from llmshearing.convert.hf import convert_composer_to_hf
 
     setup_logging()
-    cfg = convert_composer_to_hf(args.ckpt, args.out_dir, tokenizer_dir=args.tokenizer, dtype=args.dtype)
+    from llmshearing.convert.model_card import invocation
+
+    cfg = convert_composer_to_hf(args.ckpt, args.out_dir, tokenizer_dir=args.tokenizer, dtype=args.dtype,
+                                 commands=[invocation(args)])
     tok = f", tokenizer from {args.tokenizer}" if args.tokenizer else ""
     print(f"exported {args.ckpt} -> {args.out_dir} [{cfg.family}: {cfg.shape.summary()}{tok}]")
     return 0
