@@ -17,6 +17,7 @@ COMMANDS = [
     ("llmshearing.pruning.oneshot", "cut a model to the target shape by importance scores alone (baseline)"),
     ("llmshearing.data.cli", "tokenize raw documents per domain into MDS shards"),
     ("llmshearing.training.reference_losses", "per-domain reference losses for dynamic batch loading (eval, scaling-law fit)"),
+    ("llmshearing.evaluation.harness", "lm-evaluation-harness on exported models, side by side"),
     ("llmshearing.demo.run", "run the tiny end-to-end shearing pipeline on CPU"),
 ]
 
