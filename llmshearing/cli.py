@@ -17,6 +17,7 @@ COMMANDS = [
     ("llmshearing.pruning.oneshot", "cut a model to the target shape by importance scores alone (baseline)"),
     ("llmshearing.data.cli", "tokenize raw documents per domain into MDS shards"),
     ("llmshearing.training.reference_losses", "per-domain reference losses for dynamic batch loading (eval, scaling-law fit)"),
+    ("llmshearing.evaluation.harness", "lm-evaluation-harness on exported models, side by side"),
     ("llmshearing.demo.run", "run the tiny end-to-end shearing pipeline on CPU"),
 ]
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["llmshearing", *(sys.argv[1:] if argv is None else argv)]  # for the model cards
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

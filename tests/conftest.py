@@ -6,7 +6,9 @@ import pytest
 
 # session fixture `store`: the S3-compatible test server, the tiny data in it and the 2-rank runs from it
 # (tests/_store.py), shared by tests/test_object_storage.py and tests/test_cluster_launch.py
-pytest_plugins = ["_store"]
+# session fixture `sheared`: one tiny pruned + continued + exported model (tests/_sheared.py), for the
+# model card, GGUF and evaluation tests
+pytest_plugins = ["_store", "_sheared"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

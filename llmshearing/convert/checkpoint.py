@@ -54,11 +54,13 @@ def save_model_dir(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out_di
 
 
 def save_domain_weights(out_dir: str | Path, weights: dict[str, float], source: str,
-                        source_model: str | None = None) -> Path:
+                        source_model: str | None = None, **facts: Any) -> Path:
     """What a pruning run hands over to continued pre-training: its final mixture, the checkpoint it
-    came from and the source model it pruned (the default distillation teacher)."""
+    came from and the source model it pruned (the default distillation teacher); `facts` (pruning
+    tokens, eval losses) go along for the model cards of what is made from it."""
     path = Path(out_dir) / DOMAIN_WEIGHTS_NAME
-    path.write_text(json.dumps({"weights": weights, "source": source, "source_model": source_model}, indent=2) + "\n")
+    doc = {"weights": weights, "source": source, "source_model": source_model, **facts}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
 
@@ -195,6 +197,7 @@ _WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
 #: Where Composer keeps our ModelInfo callback's state in a checkpoint (Composer's key names).
 _MODEL_INFO = ("state", "callbacks", "ModelInfo")
+_DYNAMIC_LOADING = "DynamicLoadingCallback"  # its state keeps the last per-domain eval losses
 
 
 def unwrap_key(key: str) -> str:
@@ -219,6 +222,8 @@ class ComposerCheckpoint:
     pruning: dict[str, Any] | None
     dataset_state: dict[str, Any] | None
     source_path: str | None = None  # the run's model.path (ModelInfo), e.g. the source a pruning run pruned
+    tokens: int | None = None  # tokens trained so far (Composer's timestamp), for the model card
+    eval_losses: dict[str, float] | None = None  # per-domain eval losses of the run's last evaluation
 
 
 def torch_load(path: str | Path, weights_only: bool) -> Any:
@@ -274,7 +279,21 @@ def read_composer_checkpoint(path: str | Path) -> ComposerCheckpoint:
     ds = (state.get("dataset_state") or {}).get("train")
     return ComposerCheckpoint(path=p, model_state={unwrap_key(k): v for k, v in model.items()}, model_config=cfg,
                               pruning=info.get("pruning") or None, dataset_state=ds if isinstance(ds, dict) else None,
-                              source_path=info.get("source_path"))
+                              source_path=info.get("source_path"), tokens=_tokens(state),
+                              eval_losses=_last_eval_losses(state))
+
+
+def _tokens(state: dict[str, Any]) -> int | None:
+    ts = (state.get("timestamp") or {}).get("Timestamp") or {}
+    tok = ts.get("token")
+    return int(tok) if isinstance(tok, int | torch.Tensor) else None
+
+
+def _last_eval_losses(state: dict[str, Any]) -> dict[str, float] | None:
+    """What the dynamic-loading callback measured at the run's last evaluation (None without it)."""
+    dl = (state.get("callbacks") or {}).get(_DYNAMIC_LOADING) or {}
+    losses = dl.get("last_losses")
+    return {str(k): float(v) for k, v in losses.items()} if isinstance(losses, dict) and losses else None
 
 
 def _read_sharded_state(folder: Path) -> dict[str, Any]:
@@ -286,7 +305,8 @@ def _read_sharded_state(folder: Path) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    wanted = (("state", "model"), _MODEL_INFO, ("state", "dataset_state", "train"))
+    wanted = (("state", "model"), _MODEL_INFO, ("state", "dataset_state", "train"), ("state", "timestamp"),
+              ("state", "callbacks", _DYNAMIC_LOADING))
     try:
         reader = dcp.FileSystemReader(str(folder))
         meta = reader.read_metadata()

@@ -2,6 +2,7 @@
 
     llmshearing convert hf-to-composer HF_DIR OUT [--dtype bf16|fp16|fp32]
     llmshearing convert composer-to-hf CKPT OUT_DIR [--tokenizer DIR] [--dtype bf16|fp16|fp32]
+    llmshearing convert composer-to-gguf CKPT OUT.gguf [--tokenizer DIR] [--dtype f32|f16|bf16]
 
 User errors surface as ValueError / FileNotFoundError, which the top-level CLI prints as one line.
 """
@@ -51,6 +52,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="cast floating tensors (default: keep the checkpoint's dtype)")
     b.set_defaults(func=run_composer_to_hf)
 
+    g = sub.add_parser(
+        "composer-to-gguf", help="llmshearing model dir, HF dir or Composer checkpoint -> GGUF (llama.cpp, Ollama)",
+        description="Write one GGUF file (unquantised f32/f16/bf16, with the tokenizer) that llama.cpp and Ollama "
+                    "run, through llama.cpp's own `gguf` package (needs the [real] extra). Llama and Qwen2 "
+                    "(and Mistral without a sliding window, as llama).")
+    g.add_argument("ckpt", metavar="CKPT", help="llmshearing model dir, Hugging Face dir or Composer checkpoint")
+    g.add_argument("out", metavar="OUT.gguf", help="output GGUF file")
+    g.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer directory (default: the one inside CKPT, e.g. an HF export)")
+    g.add_argument("--dtype", choices=("f32", "f16", "bf16"), default="f16", help="tensor type (default f16; "
+                   "norms and biases stay f32 as in llama.cpp's converter)")
+    g.set_defaults(func=run_composer_to_gguf)
+
 
 def run_hf_to_composer(args: argparse.Namespace) -> int:
     from llmshearing.convert.gguf import convert_gguf_to_llmshearing, is_gguf_file
@@ -70,7 +84,19 @@ def run_composer_to_hf(args: argparse.Namespace) -> int:
     from llmshearing.convert.hf import convert_composer_to_hf
 
     setup_logging()
-    cfg = convert_composer_to_hf(args.ckpt, args.out_dir, tokenizer_dir=args.tokenizer, dtype=args.dtype)
+    from llmshearing.convert.model_card import invocation
+
+    cfg = convert_composer_to_hf(args.ckpt, args.out_dir, tokenizer_dir=args.tokenizer, dtype=args.dtype,
+                                 commands=[invocation(args)])
     tok = f", tokenizer from {args.tokenizer}" if args.tokenizer else ""
     print(f"exported {args.ckpt} -> {args.out_dir} [{cfg.family}: {cfg.shape.summary()}{tok}]")
+    return 0
+
+
+def run_composer_to_gguf(args: argparse.Namespace) -> int:
+    from llmshearing.convert.gguf_export import convert_to_gguf
+
+    setup_logging()
+    cfg = convert_to_gguf(args.ckpt, args.out, tokenizer_dir=args.tokenizer, dtype=args.dtype)
+    print(f"wrote {args.out} [{cfg.family}: {cfg.shape.summary()}, {args.dtype}]")
     return 0

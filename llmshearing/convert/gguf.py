@@ -34,15 +34,31 @@ def is_gguf_file(path: str | Path) -> bool:
 
 
 def _gguf_field(path: Path, key: str):
-    """A scalar metadata field of a GGUF file, or None."""
+    """A scalar (number, bool or string) metadata field of a GGUF file, or None."""
     from gguf import (
         GGUFReader,  # installed with the [real] extra, like transformers' GGUF support needs
     )
+    from gguf import GGUFValueType
 
     field = GGUFReader(str(path)).fields.get(key)
     if field is None or not field.data:
         return None
-    return field.parts[field.data[0]].tolist()[0]
+    part = field.parts[field.data[0]]
+    if field.types and field.types[0] == GGUFValueType.STRING:
+        return bytes(part).decode("utf-8")
+    return part.tolist()[0]
+
+
+def _rope_scaling(path: Path, config: dict) -> None:
+    """transformers (4.x) does not read llama.cpp's rope-scaling keys, so a linear-scaled model would
+    come back unscaled: read them here, and refuse kinds we do not implement."""
+    arch = _gguf_field(path, "general.architecture")
+    kind = _gguf_field(path, f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return
+    if kind != "linear":
+        raise ValueError(f"{path}: rope scaling {kind!r} in the GGUF metadata is not supported (only linear)")
+    config["rope_scaling"] = {"rope_type": "linear", "factor": float(_gguf_field(path, f"{arch}.rope.scaling.factor"))}
 
 
 def convert_gguf_to_llmshearing(gguf_path: str | Path, out_dir: str | Path,
@@ -62,6 +78,7 @@ def convert_gguf_to_llmshearing(gguf_path: str | Path, out_dir: str | Path,
         raise ValueError(f"{src}: transformers cannot read this GGUF file: {e}") from e
     config = json.loads(hf.config.to_json_string(use_diff=False))
     config["architectures"] = [type(hf).__name__]
+    _rope_scaling(src, config)
     cfg = model_config_from_hf(config, source=f"{src} (GGUF metadata)")
     sd = {k: v for k, v in hf.state_dict().items() if not is_dropped_buffer(k)}  # save_model_dir detaches
     save_model_dir(sd, cfg, out)

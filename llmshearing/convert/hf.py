@@ -51,14 +51,24 @@ from llmshearing.convert.hf_weights import (
     stream_copy,
     validate_entries,
 )
+from llmshearing.convert.model_card import (
+    CARD_NAME,
+    CardFacts,
+    facts_from_checkpoint,
+    facts_from_handover,
+    inherited,
+    write_card,
+)
+from llmshearing.convert.special_tokens import (
+    tokenizer_special_ids,
+    with_special_ids,
+    write_generation_config,
+)
 from llmshearing.data.tokenizer import HF_TOKENIZER_FILES
 from llmshearing.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-#: Files copied from `tokenizer_dir` on export (whichever exist): the tokenizer's own files plus
-#: generation_config.json, which lives next to them in every HF repo and carries the generation ids.
-TOKENIZER_FILES = HF_TOKENIZER_FILES + ("generation_config.json",)
 
 
 def _refuse_same_dir(src: Path, out: Path) -> None:
@@ -91,6 +101,8 @@ def convert_hf_to_llmshearing(hf_dir: str | Path, out_dir: str | Path,
     logger.info("converting %s (%d tensors in %d file(s)) -> %s", hf_dir, len(entries), len(sources), out)
     stream_copy(entries, sources, out / WEIGHTS_NAME, dtype, desc="hf->llmshearing")
     (out / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if (hf_dir / CARD_NAME).is_file():  # the source's card goes along: its license reaches the exports' cards
+        shutil.copy2(hf_dir / CARD_NAME, out / CARD_NAME)
     return cfg
 
 
@@ -135,13 +147,20 @@ def _check_export_dir(out: Path) -> None:
         raise ValueError(f"{out}: already contains other weight files {sorted(stale)}; export into an empty directory")
 
 
-def copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> list[str]:
+def _check_tokenizer_dir(tokenizer_dir: str | Path) -> list[str]:
     tok = Path(tokenizer_dir)
     if not tok.is_dir():
         raise FileNotFoundError(f"{tok}: tokenizer directory not found")
-    found = [n for n in TOKENIZER_FILES if (tok / n).is_file()]
-    if not any(n != "generation_config.json" for n in found):
-        raise FileNotFoundError(f"{tok}: no tokenizer files; looked for {', '.join(TOKENIZER_FILES[:-1])}")
+    found = [n for n in HF_TOKENIZER_FILES if (tok / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{tok}: no tokenizer files; looked for {', '.join(HF_TOKENIZER_FILES)}")
+    return found
+
+
+def copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> list[str]:
+    """The tokenizer's files (generation_config.json is rewritten by the export, see special_tokens)."""
+    tok = Path(tokenizer_dir)
+    found = _check_tokenizer_dir(tok)
     if tok.resolve() != out.resolve():
         for n in found:
             shutil.copy2(tok / n, out / n)
@@ -149,34 +168,42 @@ def copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> list[str]:
 
 
 def _export_sources(sources: Sequence[Source], entries: dict[str, Entry], cfg: ModelConfig, out: Path,
-                    tokenizer_dir: str | Path | None, dtype: torch.dtype | None, config_source: str) -> Path:
-    """Shared tail of every export: validate, write weights + config.json (+ tokenizer)."""
+                    tokenizer_dir: str | Path | None, dtype: torch.dtype | None, config_source: str,
+                    card: CardFacts | None = None) -> Path:
+    """Shared tail of every export: validate, write weights + config.json (+ tokenizer) + the model card."""
     emb = entries.get("model.embed_tokens.weight")  # None: validate_entries reports it just below
     # built first: refuses unsupported combinations before anything is written
     hf_cfg = hf_config_from_model_config(cfg, dtype or (emb.dtype if emb is not None else torch.float32))
     validate_entries(entries, sources, cfg, config_source)
     drop_tied_head(entries, sources, cfg)
+    if tokenizer_dir is not None:  # checked before anything is written: its ids must fit the model
+        _check_tokenizer_dir(tokenizer_dir)
+        hf_cfg = with_special_ids(hf_cfg, tokenizer_special_ids(tokenizer_dir, cfg.shape.vocab_size))
     out.mkdir(parents=True, exist_ok=True)
     _check_export_dir(out)
     stream_copy(entries, sources, out / "model.safetensors", dtype, desc="llmshearing->hf")
     (out / HF_CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2) + "\n")
     if tokenizer_dir is not None:
         logger.info("copied tokenizer files %s", copy_tokenizer(tokenizer_dir, out))
+    write_generation_config(out, hf_cfg, tokenizer_dir)
+    write_card(out, (card or CardFacts(config=cfg)).with_(config=cfg))
     return out
 
 
 def export_to_hf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
-                 tokenizer_dir: str | Path | None = None, dtype: torch.dtype | str | None = None) -> Path:
+                 tokenizer_dir: str | Path | None = None, dtype: torch.dtype | str | None = None,
+                 card: CardFacts | None = None) -> Path:
     """Write a Hugging Face model directory (`config.json` + `model.safetensors` [+ tokenizer])
     that `AutoModelForCausalLM.from_pretrained` loads with no missing or unexpected keys.
 
     Tied models store only `model.embed_tokens.weight` (what `save_pretrained` does); tensors keep
-    their dtype unless `dtype` is given. Returns the output directory.
+    their dtype unless `dtype` is given. With a tokenizer, config.json takes its bos/eos/pad ids, and
+    a generation_config.json is always written (special_tokens.py). Returns the output directory.
     """
     out = Path(out_dir)
     sources = [Source(name="state dict", sd=state_dict)]
     entries = scan(sources, drop_buffers)
-    return _export_sources(sources, entries, cfg, out, tokenizer_dir, resolve_dtype(dtype), "the model config")
+    return _export_sources(sources, entries, cfg, out, tokenizer_dir, resolve_dtype(dtype), "the model config", card)
 
 
 def _refuse_pruning_checkpoint(sd: Mapping[str, Any], pruning: Any, source: str) -> None:
@@ -189,11 +216,12 @@ def _refuse_pruning_checkpoint(sd: Mapping[str, Any], pruning: Any, source: str)
 
 
 def convert_composer_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                           dtype: torch.dtype | str | None = None) -> ModelConfig:
+                           dtype: torch.dtype | str | None = None, commands: Sequence[str] = ()) -> ModelConfig:
     """Export (a) an llmshearing model directory or (b) a Composer training checkpoint (a full
     `latest-rank0.pt` or a sharded checkpoint folder; config from its ModelInfo callback state) to a
     Hugging Face model directory. Pruning checkpoints are refused (prune-export them first).
-    Returns the config.
+    The model card gathers what the checkpoint / hand-over file recorded (model_card.py), plus
+    `commands`. Returns the config.
     """
     path, out = Path(ckpt), Path(out_dir)
     dtype = resolve_dtype(dtype)
@@ -206,7 +234,11 @@ def convert_composer_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir:
         cfg = load_model_config(path)
         sources = [Source(name=str(path / WEIGHTS_NAME), path=path / WEIGHTS_NAME)]
         entries = scan(sources, lambda k: k)
-        _export_sources(sources, entries, cfg, out, tokenizer_dir, dtype, str(path / CONFIG_NAME))
+        card = facts_from_handover(cfg, path)
+        if card.source_model is None:  # not a cut model: its own (copied) source card, if any
+            card = card.with_(**inherited(str(path)))
+        card = card.with_(commands=[*card.commands, *commands])
+        _export_sources(sources, entries, cfg, out, tokenizer_dir, dtype, str(path / CONFIG_NAME), card)
         return cfg
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; expected a Composer checkpoint (e.g. latest-rank0.pt, or a "
@@ -220,8 +252,10 @@ def convert_composer_to_hf(ckpt: str | Path, out_dir: str | Path, tokenizer_dir:
     if other:
         raise ValueError(f"{path}: unexpected entries in the checkpoint's model state {short_list(other)}")
     weights = {k.removeprefix("model."): v for k, v in sd.items()}
+    card = facts_from_checkpoint(ck)
+    card = card.with_(commands=[*card.commands, *commands])
     del ck, sd
     sources = [Source(name=str(path), sd=weights)]
     entries = scan(sources, drop_buffers)
-    _export_sources(sources, entries, cfg, out, tokenizer_dir, dtype, f"{path} (ModelInfo config)")
+    _export_sources(sources, entries, cfg, out, tokenizer_dir, dtype, f"{path} (ModelInfo config)", card)
     return cfg

@@ -23,6 +23,14 @@ from llmshearing.convert.checkpoint import (
     save_model_dir,
     torch_load,
 )
+from llmshearing.convert.model_card import (
+    CardFacts,
+    facts_from_checkpoint,
+    handover_facts,
+    inherited,
+    invocation,
+    write_card,
+)
 from llmshearing.models.masks import StructureMasks
 from llmshearing.pruning.cut import cut_model, cut_report
 from llmshearing.pruning.l0 import L0Module
@@ -67,7 +75,8 @@ def _final_domain_weights(loader_state: dict[str, Any] | None) -> dict[str, floa
 
 
 def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path | None = None,
-                  tokenizer_dir: str | Path | None = None, masks_path: str | Path | None = None) -> dict[str, Any]:
+                  tokenizer_dir: str | Path | None = None, masks_path: str | Path | None = None,
+                  commands: list[str] | None = None) -> dict[str, Any]:
     """Cut the pruned model of a Composer checkpoint (full file or sharded folder) and save it;
     returns the cut report. The source weights stay memory-mapped (full checkpoints) and the
     optimizer state is never read, so the peak is about the source weights plus the cut model."""
@@ -78,6 +87,7 @@ def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path
                               "is it a pruning run?")
     model_sd, l0_sd = split_composer_state(ck.model_state)
     final_weights, source_model = _final_domain_weights(ck.dataset_state), ck.source_path
+    card = facts_from_checkpoint(ck)  # tokens, mixture, last eval losses, source, license
     del ck
     model = model_from_state_dict(cfg, model_sd, source=str(ckpt_path))
     l0 = L0Module.from_config_dict(cfg.shape, pruning, eval_target_model=True)
@@ -99,26 +109,31 @@ def export_pruned(ckpt_path: str | Path, out_dir: str | Path, hf_dir: str | Path
         log.warning("target asks tie_embeddings=%s but the cut model has %s (hidden mask values folded into the "
                     "embedding)", want.tie_embeddings, got.tie_embeddings)
 
-    return write_cut(cut, report, out_dir, hf_dir, tokenizer_dir, final_weights, str(ckpt_path), source_model)
+    return write_cut(cut, report, out_dir, hf_dir, tokenizer_dir, final_weights, str(ckpt_path), source_model,
+                     card=card.with_(commands=[*card.commands, *(commands or [invocation()])]))
 
 
 def write_cut(cut, report: dict[str, Any], out_dir: str | Path, hf_dir: str | Path | None,
               tokenizer_dir: str | Path | None, weights: dict[str, float] | None, source: str,
-              source_model: str | None) -> dict[str, Any]:
+              source_model: str | None, card: CardFacts | None = None) -> dict[str, Any]:
     """What every cut leaves behind (prune-export, prune-oneshot): our model dir, the domain weights
-    continued pre-training starts from (`data.proportions: from_model`), optionally an HF dir."""
+    continued pre-training starts from (`data.proportions: from_model`) with the facts the model cards
+    of later exports need, a model card, optionally an HF dir."""
     sd = cut.state_dict()
+    card = (card or CardFacts(config=cut.config, source_model=source_model, **inherited(source_model)))
+    card = card.with_(config=cut.config, mixture=weights)
     save_model_dir(sd, cut.config, out_dir)
+    write_card(out_dir, card)
     report["out_dir"] = str(out_dir)
     if weights is not None:
-        save_domain_weights(out_dir, weights, source=source, source_model=source_model)
+        save_domain_weights(out_dir, weights, source=source, source_model=source_model, **handover_facts(card))
         report["domain_weights"] = weights
     if hf_dir is not None:
         from llmshearing.convert.hf import (
             export_to_hf,  # lazy: optional path, heavier imports
         )
 
-        export_to_hf(sd, cut.config, hf_dir, tokenizer_dir=tokenizer_dir)
+        export_to_hf(sd, cut.config, hf_dir, tokenizer_dir=tokenizer_dir, card=card)
         report["hf_dir"] = str(hf_dir)
     return report
 
@@ -140,7 +155,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    report = export_pruned(args.ckpt, args.out, hf_dir=args.hf, tokenizer_dir=args.tokenizer, masks_path=args.masks)
+    report = export_pruned(args.ckpt, args.out, hf_dir=args.hf, tokenizer_dir=args.tokenizer, masks_path=args.masks,
+                           commands=[invocation(args)])
     print(format_report(report))
     return 0
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from llmshearing.convert.checkpoint import load_model
+from llmshearing.convert.model_card import CardFacts, inherited, invocation
 from llmshearing.data.manifest import load_manifest
 from llmshearing.models.shape import ShapeError
 from llmshearing.pruning import budget
@@ -70,8 +71,11 @@ def prune_oneshot(source: str | Path, out_dir: str | Path, data_root: str | Path
             raise ValueError(f"{len(proportions)} proportions for {len(domains)} domains")
         w = np.asarray(proportions, dtype=np.float64) / sum(proportions)
     weights = {d: float(x) for d, x in zip(domains, w)}
+    card = CardFacts(config=cut.config, source_model=str(source), source_shape=src, pruning_tokens=scores.tokens,
+                     mixture_note="domain weights handed to continued pre-training (one-shot pruning: no training; "
+                     "'pruning' tokens = calibration tokens scored)", commands=[invocation()], **inherited(str(source)))
     report = write_cut(cut, report, out_dir, hf_dir, tokenizer_dir, weights, source=f"prune-oneshot of {source}",
-                       source_model=str(source))
+                       source_model=str(source), card=card)
     report["scores_tokens"] = scores.tokens
     return report
 
