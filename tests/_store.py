@@ -9,8 +9,8 @@ at 3; shards of ~2 KB, so every domain has ~20 shards and a cache can be half fu
     local     1 node x 2 processes, data.root = the local folder: the reference every other run equals
     remote    1 node x 2 processes, data.remote = s3://bucket/tiny, data.root = an empty cache,
               data.cache_limit small enough that Streaming evicts shards during the run
-    killed    as remote (no cache limit), rank 1 SIGKILLed at the start of batch 5 (after the
-              checkpoint at 3, the cache part filled), then the same command again
+
+(A kill + relaunch with a half-filled cache: tests/test_cluster_launch.py, through the Slurm script.)
 """
 
 from __future__ import annotations
@@ -73,25 +73,14 @@ class Store:
             return self._runs[name]
         cache = self.tmp / name / "cache"
         data = {"local": [f"data.root={self.local}"],
-                "remote": [f"data.remote={self.remote}", f"data.root={cache}", "data.cache_limit=24kb"],
-                "killed": [f"data.remote={self.remote}", f"data.root={cache}"]}[name]
+                "remote": [f"data.remote={self.remote}", f"data.root={cache}", "data.cache_limit=24kb"]}[name]
         r: dict = {"cache": cache}
-        if name == "killed":
-            r["first"], _ = self.launch(name, data, env={"DRIVER_KILL_AT": "5"})
-            r["cached_after_kill"] = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("shard.*.mds"))
         p, out = self.launch(name, data)
         assert p.returncode == 0, f"{name}: exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         r.update(proc=p, recs=[json.loads((out / f"rank{i}.json").read_text()) for i in range(2)],
                  ckpt=load_ckpt(self.tmp / name / "ckpt" / "latest-rank0.pt"))
         self._runs[name] = r
         return r
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's access log
-    with s3_server(BUCKET) as env:
-        yield Store(tmp_path_factory.mktemp("s3"), env)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ import torch
 from _s3 import free_port
 from _store import COMPOSER, PRUNE, REPO, load_ckpt
 
+from llmshearing.data.remote import list_sizes
+
 HANG_GUARD_S = 300
 NODE = "mount -t tmpfs -o size=1g tmpfs /dev/shm && exec \"$@\""  # a private /dev/shm, then the command
 
@@ -89,10 +91,12 @@ def _allocation(store, tmp_path: Path, **extra: str) -> dict:
 
 
 def test_slurm_script_runs_two_nodes_checkpoints_and_a_requeue_resumes(store, tmp_path):
-    """launch/slurm.sbatch in a stand-in 2-node allocation (srun starts one task per node, each with a
-    private tmpfs as its node-local shard cache and /dev/shm). The job is preempted (rank 1 SIGKILLed
-    at batch 5, after the checkpoint at 3) and requeued: the same script again, SLURM_RESTART_COUNT=1.
-    The requeued job resumes at batch 3 and ends at the 1-node 2-process run's ids and weights."""
+    """launch/slurm.sbatch in a stand-in 2-node allocation (srun starts one task per node, each with its
+    own node-local shard cache and /dev/shm). The job is preempted (rank 1 SIGKILLed at batch 5, after
+    the checkpoint at 3) with each node's cache part filled, and requeued: the same script again,
+    SLURM_RESTART_COUNT=1, on the same nodes (their caches as the kill left them). The requeued job
+    resumes at batch 3 and ends at the 1-node 2-process run's ids and weights: a kill + relaunch with
+    a half-filled cache resumes exactly."""
     rec, cache, save = tmp_path / "rec", tmp_path / "node_local_cache", tmp_path / "ckpt"
     args = ["--script", "tests/_mp_driver.py", str(rec), str(PRUNE),
             *store.overrides("slurm", [f"data.remote={store.remote}", f"data.root={cache}"]), f"save_folder={save}"]
@@ -102,6 +106,11 @@ def test_slurm_script_runs_two_nodes_checkpoints_and_a_requeue_resumes(store, tm
                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert first.returncode != 0, "the first run should have been preempted (rank 1 killed)"
     assert sorted(p.name for p in save.glob("ep*-ba*")) == ["ep0-ba3-rank0.pt"], first.stderr[-3000:]
+    n_remote = len([k for k in list_sizes(store.remote) if k.startswith("train/") and k.endswith(".mds")])
+    for node in (0, 1):  # each node's cache holds part of the train shards, and only in its own folder
+        cached = list(Path(f"{cache}.node{node}").rglob("train/*/shard.*.mds"))
+        assert 0 < len(cached) < n_remote, (node, len(cached), n_remote)
+    assert not cache.exists() or not any(cache.iterdir())
     requeued = subprocess.run(job, cwd=REPO, env=_allocation(store, tmp_path, STANDIN_NODE_LOCAL=str(cache),
                                                              SLURM_RESTART_COUNT="1"),
                               capture_output=True, text=True, timeout=HANG_GUARD_S)
@@ -110,8 +119,6 @@ def test_slurm_script_runs_two_nodes_checkpoints_and_a_requeue_resumes(store, tm
     ranks = [json.loads((rec / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(min(int(b) for b in r["ids"]) == 3 for r in ranks)  # resumed from batch 3
     _same_as_local(store, rec, load_ckpt(save / "latest-rank0.pt"))
-    if os.geteuid() == 0:  # each node's cache was its own tmpfs: nothing reached this folder on the host
-        assert not cache.exists() or not any(cache.iterdir())
 
 
 @pytest.mark.parametrize("cmd", [["bash", "launch/slurm.sbatch"],

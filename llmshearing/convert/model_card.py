@@ -185,9 +185,9 @@ def render_card(f: CardFacts) -> str:
     lines = ["---", yaml.safe_dump(_yaml_front(f), sort_keys=False).rstrip(), "---", ""]
     name = f"{ARCHITECTURES[f.config.family]} sheared to {format_params(s.n_params())} parameters"
     lines += [f"# {name}", "",
-              f"Sheared with [llmshearing](https://github.com/princeton-nlp/LLM-Shearing)-style targeted structured "
-              f"pruning (learned masks on layers, heads, MLP channels and hidden dimensions, pruned to an exact "
-              f"target shape) and continued pre-training.", "",
+              "Sheared with [llmshearing](https://github.com/princeton-nlp/LLM-Shearing)-style targeted structured "
+              "pruning (learned masks on layers, heads, MLP channels and hidden dimensions, pruned to an exact "
+              "target shape) and continued pre-training.", "",
               f"- source model: `{f.source_model or 'not recorded'}`",
               f"- license: {f.license or 'not stated (the source card names none)'}",
               f"- exact parameter count: **{s.n_params():,}** ({format_params(s.n_params())})",

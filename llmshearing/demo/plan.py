@@ -32,6 +32,7 @@ class Run:
     seq_len: int = 0
     common: tuple[str, ...] = ()
     prune_extra: tuple[str, ...] = ()  # the target shape of a real source
+    prune_init: str = "uniform"  # the pruning run's `pruning.init` (reported with the after-cut loss)
 
     def step(self, msg: str) -> None:
         print(f"[demo {time.time() - self.t0:6.1f}s] {msg}", flush=True)

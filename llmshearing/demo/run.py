@@ -145,6 +145,7 @@ def _stage_prune(r: Run, src_dir: Path, ref: list[float]) -> tuple[Path, bool]:
         target_losses(ref), *r.prune_extra,
     ], loggers=[mem])
     tr.close()
+    r.prune_init = pcfg.pruning.init.value
     return Path(pcfg.save_folder) / "latest-rank0.pt", _plot(mem, r.out / "pruning.png")
 
 
@@ -223,6 +224,8 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
     hf_dir = out / "hf"
     convert_composer_to_hf(str(cpt_ckpt), str(hf_dir), tokenizer_dir=str(tok_dir))
     max_diff = _check_hf(hf_dir, load_model(models["continued"]))
+    harness = _stage_harness(r, hf_dir, models["scratch"], tok_dir)
+    _write_demo_card(cpt_ckpt, hf_dir, losses["continued"], harness)
 
     steps = {"source": r.plan.source_steps, "pruned": r.plan.prune_steps, "continued": r.plan.cpt_steps,
              "scratch": r.plan.prune_steps + r.plan.cpt_steps}
@@ -233,12 +236,47 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, keep: bool = Fal
         "losses": losses, "shapes": {k: s.to_dict() for k, s in shapes.items()},
         "params": {k: s.n_params() for k, s in shapes.items()},
         "tokens": {k: v * gbs * r.seq_len for k, v in steps.items()}, "steps": steps, "prune_report": report,
-        "final_domain_weights": report["domain_weights"], "hf_max_abs_logit_diff": max_diff,
-        "seconds": round(time.time() - r.t0, 1), "corpus": corpus,
+        "final_domain_weights": report["domain_weights"], "hf_max_abs_logit_diff": max_diff, "harness": harness,
+        "seconds": round(time.time() - r.t0, 1), "corpus": corpus, "prune_init": r.prune_init,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(format_table(result, shapes))
     return result
+
+
+def _stage_harness(r: Run, hf_dir: Path, scratch_dir: Path, tok_dir: Path) -> dict[str, Any] | None:
+    """lm-evaluation-harness (the paper's evaluation tool) on the continued model and the scratch baseline,
+    on two small tasks built from the demo corpus; None when the harness (the eval extra) is not installed."""
+    try:
+        import lm_eval  # noqa: F401 - only to know it is there (the eval extra)
+    except ImportError:  # pragma: no cover - lm-eval is in the dev extra
+        r.step("    (lm-evaluation-harness not installed: pip install -e '.[eval]')")
+        return None
+    from llmshearing.evaluation.harness import compare
+    from llmshearing.evaluation.local_tasks import write_local_tasks
+
+    r.step("    lm-evaluation-harness on local tasks from the corpus: continued vs scratch")
+    from llmshearing.convert.hf import convert_composer_to_hf
+
+    scratch_hf = r.out / "hf-scratch"
+    convert_composer_to_hf(str(scratch_dir), str(scratch_hf), tokenizer_dir=str(tok_dir))
+    tasks = write_local_tasks(r.out / "raw", r.out / "tasks", list(DOMAINS), mc_per_domain=16, ppl_per_domain=8)
+    return compare({"continued": hf_dir, "scratch": scratch_hf}, tasks, include_path=[r.out / "tasks"])
+
+
+def _write_demo_card(cpt_ckpt: Path, hf_dir: Path, losses: dict[str, float], harness: dict[str, Any] | None) -> None:
+    """The export's card with the demo's own measurements: losses on the whole eval split, the harness table."""
+    from llmshearing.convert.checkpoint import read_composer_checkpoint
+    from llmshearing.convert.model_card import facts_from_checkpoint, invocation, write_card
+
+    facts = facts_from_checkpoint(read_composer_checkpoint(cpt_ckpt))
+    extra = {}
+    if harness is not None:
+        from llmshearing.evaluation.harness import format_table
+
+        extra["lm-evaluation-harness (local tasks from the demo corpus)"] = f"```\n{format_table(harness)}\n```"
+    write_card(hf_dir, facts.with_(eval_losses=losses, eval_note="per-domain eval loss on the whole eval split",
+                                   commands=[invocation()], extra_sections=extra))
 
 
 def _check_hf(hf_dir: Path, ours) -> float:
@@ -263,19 +301,31 @@ def format_table(r: dict[str, Any], shapes) -> str:
         dims = f"{s.d_model}/{s.n_heads}/{s.n_kv_heads}/{s.n_layers}/{s.intermediate_size}"
         lines.append(f"{name:<10} {dims:<30} {format_params(s.n_params()):>8} {format_params(r['tokens'][name]):>8} "
                      + " ".join(f"{ls[d]:7.3f}" for d in DOMAINS) + f" {sum(ls.values()) / len(ls):7.3f}")
-    cont, scr = (sum(r["losses"][k].values()) / len(DOMAINS) for k in ("continued", "scratch"))
+    cont, scr, cut = (sum(r["losses"][k].values()) / len(DOMAINS) for k in ("continued", "scratch", "pruned"))
+    init = {"scores": "importance scores (pruning.init=scores)", "uniform": "the uniform init (pruning.init=uniform)"}
     lines += [
         "",
         "eval loss per domain (nats/token). 'tokens' = tokens trained in that stage "
         "(scratch gets pruning + continued pre-training tokens).",
+        f"masks started from {init.get(r['prune_init'], r['prune_init'])}; mean loss right after the cut: {cut:.3f}",
         f"continued vs scratch (same target shape, scratch with at least as many tokens): "
         f"{cont:.3f} vs {scr:.3f} -> {'shearing wins' if cont < scr else 'scratch wins'}",
         "final domain weights after pruning: " + ", ".join(f"{k}={v:.3f}" for k, v in r["final_domain_weights"].items()),
         f"Hugging Face model: {r['hf_dir']} (max |logit diff| vs ours: {r['hf_max_abs_logit_diff']:.2e})",
+        *_harness_lines(r.get("harness")),
         f"plot: {r['plot']}",
         f"total time: {r['seconds']:.0f}s",
     ]
     return "\n".join(lines)
+
+
+def _harness_lines(h: dict[str, Any] | None) -> list[str]:
+    if h is None:
+        return []
+    from llmshearing.evaluation.harness import format_table
+
+    return ["", "lm-evaluation-harness, local tasks from the corpus (llmshearing evaluate; acc: higher is better, "
+            "perplexity: lower):", format_table(h), ""]
 
 
 def register(subparsers) -> None:
