@@ -36,6 +36,14 @@ def test_demo_runs_and_shearing_beats_scratch(tmp_path):
     assert r["tokens"]["scratch"] >= r["tokens"]["pruned"] + r["tokens"]["continued"]
     assert mean["continued"] < mean["scratch"], f"continued {mean['continued']:.3f} vs scratch {mean['scratch']:.3f}"
     assert mean["continued"] < mean["pruned"]  # continued pre-training recovers what the cut lost
+    # the demo ends with lm-evaluation-harness on the local tasks, continued vs scratch (the table is printed);
+    # that the harness's numbers are right is tests/test_evaluate.py's job
+    h = r["harness"]
+    assert set(h["models"]) == {"continued", "scratch"}
+    for name, m in h["models"].items():
+        assert set(m["results"]) == set(h["tasks"]) and m["results"]["llmshearing_mc"]["acc"] >= 0, name
+    assert "lm-evaluation-harness" in p.stdout and "llmshearing_ppl" in p.stdout
+    assert "lm-evaluation-harness" in (Path(r["hf_dir"]) / "README.md").read_text()  # in the export's card
 
     # the recovery comparison (`llmshearing demo --compare`, README table) runs on that output: every recipe
     # trains from the same cut model and is evaluated on every domain (2 batches each: a smoke run)
