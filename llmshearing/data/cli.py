@@ -97,16 +97,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="start each document with the tokenizer's BOS (auto: when the tokenizer adds BOS itself, as Llama's do)")
 
 
+DESCRIPTION = ("Tokenize raw documents per domain (.jsonl, .jsonl.gz or .txt; folders, globs or file lists) into "
+               "packed MDS shards with a manifest, split into train and eval; --out may be s3://bucket/prefix.")
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("prepare-data", help="tokenize raw documents per domain into MDS shards",
-                              description=__doc__.splitlines()[0])
+                              description=DESCRIPTION)
     add_arguments(p)
     p.set_defaults(func=_run_cli)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point (`python data_prep/prepare.py ...`), same options as the sub-command."""
-    parser = argparse.ArgumentParser(prog="prepare-data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="prepare-data", description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
