@@ -10,9 +10,12 @@ The corpus (three domains of text every Python installation has) is built by `de
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -261,7 +264,21 @@ def _stage_harness(r: Run, hf_dir: Path, scratch_dir: Path, tok_dir: Path) -> di
     scratch_hf = r.out / "hf-scratch"
     convert_composer_to_hf(str(scratch_dir), str(scratch_hf), tokenizer_dir=str(tok_dir))
     tasks = write_local_tasks(r.out / "raw", r.out / "tasks", list(DOMAINS), mc_per_domain=16, ppl_per_domain=8)
-    return compare({"continued": hf_dir, "scratch": scratch_hf}, tasks, include_path=[r.out / "tasks"])
+    with _quiet() as captured:
+        try:
+            return compare({"continued": hf_dir, "scratch": scratch_hf}, tasks, include_path=[r.out / "tasks"])
+        except Exception:
+            sys.stderr.write(captured.getvalue()[-4000:])  # the harness's own output, for the traceback
+            raise
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The harness's progress bars (tqdm, `datasets`) would bury the demo's table: stderr is captured for the
+    stage (tqdm looks sys.stderr up when a bar starts); the results are printed in the table."""
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        yield buf
 
 
 def _write_demo_card(cpt_ckpt: Path, hf_dir: Path, losses: dict[str, float], harness: dict[str, Any] | None) -> None:
