@@ -2,7 +2,7 @@
 
 import sys
 
-from llmshearing.training.trainer import main
+from llmshearing.training.entry import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -27,7 +27,7 @@ from composer.core import Callback
 from composer.utils import dist
 
 from llmshearing.data.dynamic import find_dynamic_sampler
-from llmshearing.training.trainer import main
+from llmshearing.training.entry import main
 
 
 class Recorder(Callback):

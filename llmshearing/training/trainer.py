@@ -6,9 +6,7 @@ be checked cheaply is checked (config_checks.validate) before a model or a loade
 
 from __future__ import annotations
 
-import errno
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +18,16 @@ from composer.loggers import FileLogger, WandBLogger
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
-from streaming.base.util import clean_stale_shared_memory
 
 from llmshearing.callbacks.distillation import DistillationCallback
 from llmshearing.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshearing.callbacks.gradients import FinishGradients
-from llmshearing.callbacks.guard import LossGuard, NonFiniteLossError
+from llmshearing.callbacks.guard import LossGuard
 from llmshearing.callbacks.model_info import ModelInfo
 from llmshearing.callbacks.pruning import PruningCallback
 from llmshearing.callbacks.score_init import ScoreInitCallback
 from llmshearing.convert.model_source import load_source_model
 from llmshearing.data.dynamic import build_eval_dataloader, build_train_dataloader
-from llmshearing.logs import setup_logging
 from llmshearing.models import sharding
 from llmshearing.models.composer_model import ComposerLlama
 from llmshearing.models.llama import LlamaForCausalLM
@@ -42,7 +38,6 @@ from llmshearing.training.config import (
     TrainConfig,
     budget_report,
     build_model_config,
-    load_config,
     pruning_target,
     resolve_proportions,
     resolve_teacher,
@@ -70,7 +65,7 @@ def init_distributed(device: str, timeout: float) -> tuple[int, int]:
     return dist.get_world_size(), dist.get_global_rank()
 
 
-def _device(cfg: TrainConfig) -> str:
+def device_of(cfg: TrainConfig) -> str:
     if cfg.device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if cfg.device == "gpu" and not torch.cuda.is_available():
@@ -291,7 +286,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks=(), extra_loggers=()):
     World size and rank come from the process group (created here first, from the launcher's
     environment: `composer -n N train.py ...` or torchrun), never from arguments.
     """
-    device = _device(cfg)
+    device = device_of(cfg)
     world_size, rank = init_distributed(device, cfg.dist_timeout)
     validate(cfg, world_size=world_size)
     if rank == 0 and (line := budget_report(cfg)):
@@ -362,41 +357,3 @@ def run(cfg: TrainConfig, **kw: Any):
         trainer.eval()
     trainer.fit()
     return trainer
-
-
-def main(argv: list[str] | None = None, extra_callbacks=()) -> int:
-    """`composer -n N train.py CONFIG.yaml key=value ...`; `extra_callbacks` is for test drivers."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: composer train.py CONFIG.yaml [key=value ...]   (or: python train.py ...)")
-        return 0 if argv else 2
-    setup_logging(timestamps=True)
-    try:
-        cfg = load_config(argv[0], argv[1:])
-        init_distributed(_device(cfg), cfg.dist_timeout)
-        # Shared memory left by a crashed run (Streaming) would make this one hang or fail. Cleaned
-        # after the process group exists (local rank 0 cleans, the others wait at a barrier; without
-        # the group Streaming would make a temporary one of its own), and only here at the script
-        # entry point, since in a process with live datasets it would remove their memory too.
-        clean_stale_shared_memory()
-        trainer = run(cfg, extra_callbacks=extra_callbacks)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"training stopped: no space left on the device while writing {e.filename or 'a checkpoint'} "
-              f"(save_folder {cfg.save_folder}); the checkpoints saved before are intact and `latest-rank0.pt` "
-              "points at the newest complete one: free space, then relaunch the same command to resume",
-              file=sys.stderr)
-        return 1
-    losses = final_eval_losses(trainer)
-    if dist.get_global_rank() == 0:
-        print("final eval loss per domain: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
-        print(f"checkpoints: {cfg.save_folder}")
-    trainer.close()
-    return 0
