@@ -47,6 +47,14 @@ from llmshearing.pruning.oneshot import prune_oneshot  # noqa: E402
 from llmshearing.training.reference_losses import domain_losses  # noqa: E402
 
 SHAPE_KEYS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "intermediate_size")
+# learned arms: name -> (table label, pruning.init, extra overrides (format: margin))
+ARMS = {
+    "oneshot": ("(a) one-shot by scores", None, ()),
+    "uniform": ("(b) learned, uniform init", "uniform", ("pruning.lagrangian_warmup=0.3dur",)),
+    "scores": ("(c) learned, score init", "scores", ("pruning.lagrangian_warmup=0.3dur",)),
+    "scores_tight": ("(c') learned, score init, margin {margin:g}, no warm-up", "scores",
+                     ("pruning.lagrangian_warmup=0ba", "pruning.init_margin={margin}")),
+}
 
 
 def train(yaml_name: str, overrides: list[str], callbacks=()):
@@ -120,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chars", type=int, default=300_000, help="corpus characters per domain")
     ap.add_argument("--targets", nargs="+", default=["40", "70"], help="percent of the source's parameters")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see the module docstring)")
+    ap.add_argument("--arms", nargs="+", default=["oneshot", "uniform", "scores"], choices=list(ARMS),
+                    help="which arms to run (scores_tight: score init with --tight-margin and no Lagrangian "
+                         "warm-up, i.e. the masks start at the target structure and are held there)")
+    ap.add_argument("--tight-margin", type=float, default=8.0)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -146,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "pruning_tokens_per_step": a.batch * a.seq_len, "cpt_tokens": a.cpt_steps * a.batch * a.seq_len,
         "calibration_rows": a.calib_batches * a.batch, "eval_rows_per_domain": a.eval_rows,
         "corpus_chars_per_domain": a.chars, "lr": 1e-4, "lag_lr": 1.0, "lagrangian_warmup": "0.3dur",
-        "score_init_margin": 2.0, "distill_alpha": 0.5, "mixture": "constant 1/3", "torch_threads": a.threads},
+        "score_init_margin": 2.0, "distill_alpha": 0.5, "mixture": "constant 1/3", "torch_threads": a.threads,
+        "arms": a.arms, "tight_margin": a.tight_margin},
         "complete": False, "source": {"shape": shape.to_dict(), "params": shape.n_params(),
                                "loss": _eval(src, data, a.seq_len)}, "targets": {}}
     del src
@@ -164,26 +177,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target ~{pct}%: {tgt.summary()} ({r['fraction']:.1%})", flush=True)
         tdir = work / f"t{pct}"
         target = {k: getattr(tgt, k) for k in SHAPE_KEYS}
-        # (a) one-shot, on the calibration rows score init uses (same seed, batches, batch size)
-        prune_oneshot(src_dir, tdir / "oneshot", data, list(DOMAINS), target, batches=a.calib_batches,
-                      batch_size=a.batch, seed=17, progress=False)
-        r["oneshot"] = {"cut": _eval(load_model(tdir / "oneshot"), data, a.seq_len)}
-        print(f"  (a) one-shot: cut loss {_mean(r['oneshot']['cut']):.3f} ({time.time() - t0:.0f}s)", flush=True)
-        models = {"oneshot": tdir / "oneshot"}
-        for init in ("uniform", "scores"):
-            cb = CutEvals(a.steps, data, a.seq_len, tdir / init)
+        models = {}
+        if "oneshot" in a.arms:
+            # (a) one-shot, on the calibration rows score init uses (same seed, batches, batch size)
+            prune_oneshot(src_dir, tdir / "oneshot", data, list(DOMAINS), target, batches=a.calib_batches,
+                          batch_size=a.batch, seed=17, progress=False)
+            r["oneshot"] = {"cut": _eval(load_model(tdir / "oneshot"), data, a.seq_len)}
+            print(f"  (a) one-shot: cut loss {_mean(r['oneshot']['cut']):.3f} ({time.time() - t0:.0f}s)", flush=True)
+            models["oneshot"] = tdir / "oneshot"
+        for arm in (x for x in a.arms if x != "oneshot"):
+            label, init, extra = ARMS[arm]
+            extra = [e.format(margin=a.tight_margin) for e in extra]
+            cb = CutEvals(a.steps, data, a.seq_len, tdir / arm)
             t_arm = time.time()
-            print(f"  ({'b' if init == 'uniform' else 'c'}) learned from {init} init, {n} steps", flush=True)
+            print(f"  {label.format(margin=a.tight_margin)}: {n} steps", flush=True)
             tr, _ = train("prune.yaml", [
-                *common, f"model.path={src_dir}", "model.init=null", f"run_name=prune-{init}",
-                f"save_folder={tdir}/runs/prune-{init}", f"max_duration={n}ba", f"save_interval={10 * n}ba",
-                f"eval_interval={10 * n}ba", "pruning.lag_lr=1.0", "pruning.lagrangian_warmup=0.3dur",
+                *common, f"model.path={src_dir}", "model.init=null", f"run_name=prune-{arm}",
+                f"save_folder={tdir}/runs/prune-{arm}", f"max_duration={n}ba", f"save_interval={10 * n}ba",
+                f"eval_interval={10 * n}ba", "pruning.lag_lr=1.0", *extra,
                 f"pruning.init={init}", f"pruning.init_batches={a.calib_batches}",
                 *(f"pruning.target.{k}={v}" for k, v in target.items())], callbacks=[cb])
             tr.close()
-            r[init] = {"cut_at_step": {str(k): v for k, v in sorted(cb.losses.items())},
-                       "prune_seconds": round(time.time() - t_arm, 1)}
-            models[init] = tdir / init
+            r[arm] = {"cut_at_step": {str(k): v for k, v in sorted(cb.losses.items())},
+                      "prune_seconds": round(time.time() - t_arm, 1), "overrides": extra}
+            models[arm] = tdir / arm
         # the same continued pre-training (distillation from the source) for each
         for arm, mdir in models.items():
             tr, _ = train("cpt.yaml", [
@@ -210,16 +227,21 @@ def _write(result: dict, path: str | None) -> None:
 
 def format_table(result: dict) -> str:
     lines = []
+    margin = result["settings"].get("tight_margin", 8.0)
     for pct, r in result["targets"].items():
-        steps = sorted(int(s) for s in r["uniform"]["cut_at_step"])
+        steps = sorted({int(s) for arm in ARMS if arm in r for s in r[arm].get("cut_at_step", {})})
         lines.append(f"~{pct}% ({r['params'] / 1e6:.1f}M params): mean eval loss of the cut model")
         lines.append("| arm | " + " | ".join(f"cut @{s}" for s in steps) + " | after CPT |")
         lines.append("|---|" + "---|" * (len(steps) + 1))
-        lines.append("| (a) one-shot by scores | " + f"{_mean(r['oneshot']['cut']):.3f} | " + "- | " * (len(steps) - 1)
-                     + f"{_mean(r['oneshot']['after_cpt']):.3f} |")
-        for init, name in (("uniform", "(b) learned, uniform init"), ("scores", "(c) learned, score init")):
-            cells = " | ".join(f"{_mean(r[init]['cut_at_step'][str(s)]):.3f}" for s in steps)
-            lines.append(f"| {name} | {cells} | {_mean(r[init]['after_cpt']):.3f} |")
+        for arm, (label, _, _) in ARMS.items():
+            if arm not in r:
+                continue
+            if arm == "oneshot":
+                cells = [f"{_mean(r[arm]['cut']):.3f}"] + ["-"] * (len(steps) - 1)
+            else:
+                cells = [f"{_mean(r[arm]['cut_at_step'][str(s)]):.3f}" for s in steps]
+            cpt = f"{_mean(r[arm]['after_cpt']):.3f}" if "after_cpt" in r[arm] else "-"
+            lines.append(f"| {label.format(margin=margin)} | " + " | ".join(cells) + f" | {cpt} |")
         lines.append("")
     return "\n".join(lines)
 
