@@ -41,9 +41,10 @@ class Store:
         tiny = make_tiny_data(tmp / "tiny")  # raw documents + tokenizer (its own data is not used here)
         self.raw, self.tok = tiny.parent / "raw", tiny.parent / "tokenizer"
         self.remote = f"s3://{BUCKET}/tiny"
-        self.prep_local = self.prepare(str(tmp / "local"))
+        # not tmp / "local": that is the "local" run's folder (its checkpoints would land in the data root)
+        self.local = tmp / "data_local"
+        self.prep_local = self.prepare(str(self.local))
         self.prep_remote = self.prepare(self.remote)
-        self.local = tmp / "local"
         self._runs: dict[str, dict] = {}
 
     def env(self, extra: dict | None = None) -> dict:
