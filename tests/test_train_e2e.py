@@ -170,8 +170,29 @@ def test_closed_trainers_leave_no_shared_memory_open(data_root, tmp_path):
         fds = os.listdir("/proc/self/fd")
         return sum(1 for f in fds if os.path.realpath(f"/proc/self/fd/{f}").startswith("/dev/shm"))
 
-    before = shm_fds()
-    for i in range(3):
-        assert _run(PRUNE, [f"data.root={data_root}", "max_duration=1ba", "eval_interval=1ba", "save_interval=1ba",
-                            f"save_folder={tmp_path}/r{i}", "loggers.file=false"]) is not None
-        assert shm_fds() == before, f"after trainer {i}: {shm_fds() - before} shared-memory descriptors left open"
+    # another process's live StreamingDataset holds the lowest prefixes (a benchmark or a second job on the
+    # node): our datasets open probe handles on its blocks while picking their own prefix
+    foreign = subprocess.Popen([sys.executable, "-c", FOREIGN_DATASET, str(tmp_path / "foreign")],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert foreign.stdout.readline().strip() == "ready"
+        before = shm_fds()
+        for i in range(3):
+            assert _run(PRUNE, [f"data.root={data_root}", "max_duration=1ba", "eval_interval=1ba",
+                                "save_interval=1ba", f"save_folder={tmp_path}/r{i}", "loggers.file=false"]) is not None
+            assert shm_fds() == before, f"after trainer {i}: {shm_fds() - before} shared-memory descriptors left open"
+    finally:
+        foreign.stdin.close()
+        foreign.wait(timeout=60)
+
+
+FOREIGN_DATASET = """
+import sys
+from streaming import MDSWriter, StreamingDataset
+with MDSWriter(out=sys.argv[1], columns={"x": "int"}) as w:
+    for i in range(8):
+        w.write({"x": i})
+ds = StreamingDataset(local=sys.argv[1], batch_size=1)
+print("ready", flush=True)
+sys.stdin.read()
+"""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -135,6 +136,9 @@ class DynamicDataLoader(DataLoader):
                 return
 
 
+_SHM_PREFIX = re.compile(r"(\d{6})_")  # Streaming names its blocks f"{prefix:06}_{what}"
+
+
 def release_shared_memory(streaming_dataset: Any) -> int:
     """Close and unlink a StreamingDataset's shared-memory blocks now instead of at exit.
 
@@ -143,11 +147,13 @@ def release_shared_memory(streaming_dataset: Any) -> int:
     probe handles are referenced only by `atexit`), so a process that builds many loaders (tests,
     sweeps, several trainers) runs out of file descriptors, quadratically. Call this when a dataset
     is no longer used (its DataLoader workers must be gone or idle): it closes the dataset's own
-    blocks and every handle this process holds on them.
+    blocks and every handle this process holds on them, and the probe handles on blocks no live
+    dataset of this process uses (another process's; closed, never unlinked).
     """
     import gc
     import warnings
 
+    from streaming import StreamingDataset
     from streaming.base.shared.memory import SharedMemory
 
     found: list[Any] = []
@@ -160,14 +166,26 @@ def release_shared_memory(streaming_dataset: Any) -> int:
                 walk(v, depth - 1)
 
     walk(streaming_dataset, 3)
-    prefix = getattr(streaming_dataset, "_shm_prefix_int", None)
-    if prefix is not None:  # the probe handles other datasets opened on this dataset's blocks
-        tag = f"{prefix:06}_"
+    streaming_dataset._llmshearing_released = True
+    with warnings.catch_warnings():  # isinstance() on every live object wakes deprecated aliases
+        warnings.simplefilter("ignore")
+        live = gc.get_objects()
+        in_use = {getattr(o, "_shm_prefix_int", None) for o in live if isinstance(o, StreamingDataset)
+                  and not getattr(o, "_llmshearing_released", False)}
         mine = {id(s) for s in found}
-        with warnings.catch_warnings():  # isinstance() on every live object wakes deprecated aliases
-            warnings.simplefilter("ignore")
-            found += [o for o in gc.get_objects() if isinstance(o, SharedMemory) and id(o) not in mine
-                      and tag in str(getattr(getattr(o, "shm", None), "name", ""))]
+        for o in live:
+            if not isinstance(o, SharedMemory) or id(o) in mine:
+                continue
+            m = _SHM_PREFIX.search(str(getattr(getattr(o, "shm", None), "name", "")))
+            if m is None:
+                continue
+            owner = int(m.group(1))
+            # the probe handles other datasets opened on this dataset's blocks, and the opened-only probe
+            # handles on blocks that no live dataset of this process uses (another process's: closing
+            # our handle leaves its block alone)
+            if owner == getattr(streaming_dataset, "_shm_prefix_int", None) or (
+                    owner not in in_use and not getattr(o, "created_shms", None)):
+                found.append(o)
     for shm in found:
         atexit.unregister(shm.cleanup)
         try:
