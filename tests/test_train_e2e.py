@@ -196,3 +196,16 @@ ds = StreamingDataset(local=sys.argv[1], batch_size=1)
 print("ready", flush=True)
 sys.stdin.read()
 """
+
+
+def test_metrics_are_computed_after_their_updates(data_root, tmp_path):
+    """Train and eval metrics go through torchmetrics' update(): a metric filled behind its back makes every
+    compute() warn that it ran before update (seen in every run's log)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert _run(PRUNE, [f"data.root={data_root}", "max_duration=1ba", "eval_interval=1ba", "save_interval=1ba",
+                            f"save_folder={tmp_path}/run", "loggers.file=false"]) is not None
+    bad = [str(w.message) for w in seen if "before the ``update``" in str(w.message)]
+    assert not bad, bad[0]

@@ -23,6 +23,20 @@ from llmshearing.models.config import ModelConfig
 from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, shift_targets
 
+class SummedCrossEntropy(LanguageCrossEntropy):
+    """Composer's LanguageCrossEntropy (same states, all-reduced as sums), updated from the loss sums the
+    chunked forward already made instead of from logits. Through `update()`, so torchmetrics counts the
+    update (otherwise every `compute()` warns that it ran before `update`)."""
+
+    def update(self, ce_sum: torch.Tensor, n_tokens: torch.Tensor) -> None:  # type: ignore[override]
+        self.sum_loss += ce_sum.detach().float()
+        self.total_items += n_tokens.detach()
+
+
+class SummedPerplexity(SummedCrossEntropy, LanguagePerplexity):
+    """exp of the token-mean cross entropy (LanguagePerplexity's compute), same update."""
+
+
 #: the key of a micro-batch under which the distillation callback hands the teacher's SoftTargets to forward
 SOFT_TARGETS = "soft_targets"
 
@@ -38,8 +52,8 @@ class ComposerLlama(ComposerModel):
         self.model = model
         self.l0 = l0
         self.loss_chunk_tokens = int(loss_chunk_tokens)
-        self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy()}
-        self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(), "LanguagePerplexity": LanguagePerplexity()}
+        self.train_metrics = {"LanguageCrossEntropy": SummedCrossEntropy()}
+        self.eval_metrics = {"LanguageCrossEntropy": SummedCrossEntropy(), "LanguagePerplexity": SummedPerplexity()}
 
     @property
     def config(self) -> ModelConfig:
@@ -77,10 +91,9 @@ class ComposerLlama(ComposerModel):
     def update_metric(self, batch: dict[str, Any], outputs: dict[str, Any], metric) -> None:
         """LanguageCrossEntropy / LanguagePerplexity are a summed loss over a token count (their states,
         all-reduced as sums); the forward already made both sums, chunk by chunk."""
-        if not isinstance(metric, LanguageCrossEntropy):
-            raise TypeError(f"ComposerLlama updates LanguageCrossEntropy-type metrics only, got {type(metric).__name__}")
-        metric.sum_loss += outputs["ce_sum"].detach().float()
-        metric.total_items += outputs["n_tokens"].detach()
+        if not isinstance(metric, SummedCrossEntropy):
+            raise TypeError(f"ComposerLlama updates its own summed metrics only, got {type(metric).__name__}")
+        metric.update(outputs["ce_sum"], outputs["n_tokens"])
 
     def flops_per_batch(self, batch: dict[str, Any]) -> int:
         """Training FLOPs of one batch, llm-foundry convention: 3 x forward, forward = 2 FLOPs per
