@@ -23,6 +23,7 @@ from llmshearing.models.config import ModelConfig
 from llmshearing.models.llama import LlamaForCausalLM
 from llmshearing.models.losses import DEFAULT_CHUNK_TOKENS, shift_targets
 
+
 class SummedCrossEntropy(LanguageCrossEntropy):
     """Composer's LanguageCrossEntropy (same states, all-reduced as sums), updated from the loss sums the
     chunked forward already made instead of from logits. Through `update()`, so torchmetrics counts the
