@@ -102,7 +102,7 @@ def test_packing_without_bos(corpus, tmp_path):
 def _read_rows(folder) -> tuple[np.ndarray, list[str]]:
     from streaming import StreamingDataset
 
-    from llmshearing.data.dynamic import release_shared_memory
+    from llmshearing.data.shared_memory import release_shared_memory
 
     ds = StreamingDataset(local=str(folder), batch_size=1, shuffle=False)
     rows = [ds.get_item(i) for i in range(ds.num_samples)]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _foreign_dataset import foreign_dataset
 from _tiny_data import make_tiny_data
 from composer.core import Callback
 
@@ -172,30 +173,12 @@ def test_closed_trainers_leave_no_shared_memory_open(data_root, tmp_path):
 
     # another process's live StreamingDataset holds the lowest prefixes (a benchmark or a second job on the
     # node): our datasets open probe handles on its blocks while picking their own prefix
-    foreign = subprocess.Popen([sys.executable, "-c", FOREIGN_DATASET, str(tmp_path / "foreign")],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert foreign.stdout.readline().strip() == "ready"
+    with foreign_dataset(tmp_path / "foreign"):
         before = shm_fds()
         for i in range(3):
             assert _run(PRUNE, [f"data.root={data_root}", "max_duration=1ba", "eval_interval=1ba",
                                 "save_interval=1ba", f"save_folder={tmp_path}/r{i}", "loggers.file=false"]) is not None
             assert shm_fds() == before, f"after trainer {i}: {shm_fds() - before} shared-memory descriptors left open"
-    finally:
-        foreign.stdin.close()
-        foreign.wait(timeout=60)
-
-
-FOREIGN_DATASET = """
-import sys
-from streaming import MDSWriter, StreamingDataset
-with MDSWriter(out=sys.argv[1], columns={"x": "int"}) as w:
-    for i in range(8):
-        w.write({"x": i})
-ds = StreamingDataset(local=sys.argv[1], batch_size=1)
-print("ready", flush=True)
-sys.stdin.read()
-"""
 
 
 def test_metrics_are_computed_after_their_updates(data_root, tmp_path):

@@ -23,10 +23,8 @@ in the main process, and checkpointed every used sample id. Here:
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llmshearing.data.manifest import check_manifest, load_manifest
 from llmshearing.data.sampler import DynamicBatchSampler, validate_proportions
+from llmshearing.data.shared_memory import release_shared_memory
 
 # Streaming (and with it transformers, ~3.6 s measured on 2 busy cores) is imported where a dataset
 # is built: the demo and reference-losses commands import this module, and so `llmshearing --help`.
@@ -134,73 +133,6 @@ class DynamicDataLoader(DataLoader):
                     break
             else:
                 return
-
-
-_SHM_PREFIX = re.compile(r"(\d{6})_")  # Streaming names its blocks f"{prefix:06}_{what}"
-
-
-def release_shared_memory(streaming_dataset: Any) -> int:
-    """Close and unlink a StreamingDataset's shared-memory blocks now instead of at exit.
-
-    Streaming keeps every block (and one fd each) alive until interpreter exit through `atexit`,
-    and each new StreamingDataset opens the blocks of all live ones while picking its prefix (those
-    probe handles are referenced only by `atexit`), so a process that builds many loaders (tests,
-    sweeps, several trainers) runs out of file descriptors, quadratically. Call this when a dataset
-    is no longer used (its DataLoader workers must be gone or idle): it closes the dataset's own
-    blocks and every handle this process holds on them, and the probe handles on blocks no live
-    dataset of this process uses (another process's; closed, never unlinked).
-    """
-    import gc
-    import warnings
-
-    from streaming import StreamingDataset
-    from streaming.base.shared.memory import SharedMemory
-
-    found: list[Any] = []
-
-    def walk(obj: Any, depth: int) -> None:
-        for v in list(vars(obj).values()):
-            if isinstance(v, SharedMemory):
-                found.append(v)
-            elif depth > 0 and hasattr(v, "__dict__") and type(v).__module__.startswith("streaming."):
-                walk(v, depth - 1)
-
-    walk(streaming_dataset, 3)
-    streaming_dataset._llmshearing_released = True
-    with warnings.catch_warnings():  # isinstance() on every live object wakes deprecated aliases
-        warnings.simplefilter("ignore")
-        live = gc.get_objects()
-        in_use = {getattr(o, "_shm_prefix_int", None) for o in live if isinstance(o, StreamingDataset)
-                  and not getattr(o, "_llmshearing_released", False)}
-        mine = {id(s) for s in found}
-        for o in live:
-            if not isinstance(o, SharedMemory) or id(o) in mine:
-                continue
-            m = _SHM_PREFIX.search(str(getattr(getattr(o, "shm", None), "name", "")))
-            if m is None:
-                continue
-            owner = int(m.group(1))
-            # the probe handles other datasets opened on this dataset's blocks, and the opened-only probe
-            # handles on blocks that no live dataset of this process uses (another process's: closing
-            # our handle leaves its block alone)
-            if owner == getattr(streaming_dataset, "_shm_prefix_int", None) or (
-                    owner not in in_use and not getattr(o, "created_shms", None)):
-                found.append(o)
-    for shm in found:
-        atexit.unregister(shm.cleanup)
-        try:
-            shm.cleanup()
-        except (OSError, ValueError, BufferError):
-            pass
-    # lock files left in the temp dir would make Streaming skip this prefix forever
-    barrier = getattr(streaming_dataset, "_shared_barrier", None)
-    for path in (getattr(streaming_dataset, "_cache_filelock_path", None), getattr(barrier, "filelock_path", None)):
-        if path:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-    return len(found)
 
 
 def _domain_dirs(root: str, split: str, domains: Sequence[str],
@@ -370,5 +302,4 @@ __all__ = [
     "build_eval_dataloader",
     "build_train_dataloader",
     "find_dynamic_sampler",
-    "release_shared_memory",
 ]

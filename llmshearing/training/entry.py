@@ -9,9 +9,9 @@ import sys
 import time
 
 from composer.utils import dist
-from streaming.base.util import clean_stale_shared_memory
 
 from llmshearing.callbacks.guard import NonFiniteLossError
+from llmshearing.data.shared_memory import clean_stale_shared_memory
 from llmshearing.logs import setup_logging
 from llmshearing.training.config import ConfigError, load_config
 from llmshearing.training.trainer import device_of, final_eval_losses, init_distributed, run
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None, extra_callbacks=()) -> int:
         cfg = load_config(argv[0], argv[1:])
         init_distributed(device_of(cfg), cfg.dist_timeout)
         # Shared memory left by a crashed run (Streaming) would make this one hang or fail. Cleaned
-        # after the process group exists (local rank 0 cleans, the others wait at a barrier; without
-        # the group Streaming would make a temporary one of its own), and only here at the script
-        # entry point, since in a process with live datasets it would remove their memory too.
+        # after the process group exists (local rank 0 cleans, the others wait at a barrier), only the
+        # prefixes no live process uses (other jobs on the node keep theirs), and only here at the
+        # script entry point, before this process has datasets of its own.
         clean_stale_shared_memory()
         trainer = run(cfg, extra_callbacks=extra_callbacks)
     except ConfigError as e:
