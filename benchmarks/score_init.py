@@ -229,7 +229,7 @@ def format_table(result: dict) -> str:
     lines = []
     margin = result["settings"].get("tight_margin", 8.0)
     for pct, r in result["targets"].items():
-        steps = sorted({int(s) for arm in ARMS if arm in r for s in r[arm].get("cut_at_step", {})})
+        steps = sorted({int(s) for arm in ARMS if arm in r for s in r[arm].get("cut_at_step", {})}) or [0]
         lines.append(f"~{pct}% ({r['params'] / 1e6:.1f}M params): mean eval loss of the cut model")
         lines.append("| arm | " + " | ".join(f"cut @{s}" for s in steps) + " | after CPT |")
         lines.append("|---|" + "---|" * (len(steps) + 1))
