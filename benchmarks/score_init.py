@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="which arms to run (scores_tight: score init with --tight-margin and no Lagrangian "
                          "warm-up, i.e. the masks start at the target structure and are held there)")
     ap.add_argument("--tight-margin", type=float, default=8.0)
+    ap.add_argument("--lag-lr", type=float, default=1.0,
+                    help="learning rate of the mask logits (and, negated, of the multipliers)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": a.seq_len, "batch": a.batch, "pruning_steps": a.steps, "cpt_steps": a.cpt_steps,
         "pruning_tokens_per_step": a.batch * a.seq_len, "cpt_tokens": a.cpt_steps * a.batch * a.seq_len,
         "calibration_rows": a.calib_batches * a.batch, "eval_rows_per_domain": a.eval_rows,
-        "corpus_chars_per_domain": a.chars, "lr": 1e-4, "lag_lr": 1.0, "lagrangian_warmup": "0.3dur",
+        "corpus_chars_per_domain": a.chars, "lr": 1e-4, "lag_lr": a.lag_lr, "lagrangian_warmup": "0.3dur",
         "score_init_margin": 2.0, "distill_alpha": 0.5, "mixture": "constant 1/3", "torch_threads": a.threads,
         "arms": a.arms, "tight_margin": a.tight_margin},
         "complete": False, "source": {"shape": shape.to_dict(), "params": shape.n_params(),
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             tr, _ = train("prune.yaml", [
                 *common, f"model.path={src_dir}", "model.init=null", f"run_name=prune-{arm}",
                 f"save_folder={tdir}/runs/prune-{arm}", f"max_duration={n}ba", f"save_interval={10 * n}ba",
-                f"eval_interval={10 * n}ba", "pruning.lag_lr=1.0", *extra,
+                f"eval_interval={10 * n}ba", f"pruning.lag_lr={a.lag_lr}", *extra,
                 f"pruning.init={init}", f"pruning.init_batches={a.calib_batches}",
                 *(f"pruning.target.{k}={v}" for k, v in target.items())], callbacks=[cb])
             tr.close()
