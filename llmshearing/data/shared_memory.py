@@ -54,6 +54,7 @@ def release_shared_memory(streaming_dataset: Any) -> int:
 
     walk(streaming_dataset, 3)
     streaming_dataset._llmshearing_released = True
+    prefix = getattr(streaming_dataset, "_shm_prefix_int", None)
     with warnings.catch_warnings():  # isinstance() on every live object wakes deprecated aliases
         warnings.simplefilter("ignore")
         live = gc.get_objects()
@@ -70,7 +71,7 @@ def release_shared_memory(streaming_dataset: Any) -> int:
             # the probe handles other datasets opened on this dataset's blocks, and the opened-only probe
             # handles on blocks that no live dataset of this process uses (another process's: closing
             # our handle leaves its block alone)
-            if owner == getattr(streaming_dataset, "_shm_prefix_int", None) or (
+            if owner == prefix or (
                     owner not in in_use and not getattr(o, "created_shms", None)):
                 found.append(o)
     for shm in found:
